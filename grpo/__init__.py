@@ -1,0 +1,1 @@
+"""GRPO trainer: config, losses, rollout and training loop."""

@@ -1,0 +1,186 @@
+"""Typed run configuration: small dataclasses per component, one `Config` that holds them.
+
+No torch here: the login-node command (`python -m hpc.submit`) imports this module.
+Overrides are flat dotted keys (`train.lr=3e-5`) checked against the field types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+
+class ConfigError(ValueError):
+    """A user error in a preset override or a config file."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    path: str = "tiny"  # "tiny": the Qwen2 model built by grpo.tiny; else a local Hugging Face folder
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    task: str = "repeat"  # a toy task of grpo.tasks
+    prompts_per_step: int = 8
+    max_prompt_len: int = 32
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    engine: Literal["native", "vllm"] = "native"
+    n: int = 8  # samples per prompt: the GRPO group size
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    tensor_parallel: int = 1
+    sync_bucket_mb: int = 1024  # weight-sync bucket size
+
+
+@dataclass(kw_only=True)
+class AlgoConfig:
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    clip_c: float = 3.0  # dual-clip constant, > 1
+    kl_coef: float = 0.001  # 0 turns the KL loss (and the reference model) off
+    kl_kind: str = "low_var_kl"
+    entropy_coef: float = 0.0
+    agg: str = "token-mean"
+    norm_adv_by_std: bool = True  # False: Dr.GRPO
+    leave_one_out: bool = False
+    adv_eps: float = 1e-6
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 100
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    mini_batches: int = 1  # optimizer steps per rollout batch
+    seed: int = 0
+    checkpoint_every: int = 0  # 0: only at the end
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    """Resources. `hpc.plan` turns these into ranks and roles."""
+
+    executor: Literal["auto", "local", "slurm"] = "auto"  # auto: Slurm when sinfo answers, else local
+    gpu_type: Optional[str] = None  # None: CPU ranks (gloo)
+    nodes: int = 1
+    gpus_per_node: int = 0
+    trainer_ranks: int = 1  # on CPU; GPU presets derive the split in hpc.plan
+    rollout_ranks: int = 1
+    partition: Optional[str] = None
+    time_limit_min: int = 30
+    cpus_per_task: int = 1
+
+
+@dataclass(kw_only=True)
+class Config:
+    name: str = "run"
+    out_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    job: JobConfig = field(default_factory=JobConfig)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, Any], cls: type = Config) -> Any:
+    """Rebuild a config from `to_dict` output (the run folder's config.json)."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        kwargs[f.name] = from_dict(value, hints[f.name]) if dataclasses.is_dataclass(hints[f.name]) else value
+    return cls(**kwargs)
+
+
+def to_json(cfg: Config) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
+
+
+def flat_keys(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """{"train.lr": type hint, ...} for every leaf field."""
+    out = {}
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flat_keys(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = hints[f.name]
+    return out
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Return a copy of `cfg` with `key=value` overrides applied, each value parsed by its field's type."""
+    cfg = copy_config(cfg)
+    valid = flat_keys(cfg)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ConfigError(f"override {item!r} is not key=value (for example train.lr=1e-5)")
+        if key not in valid:
+            raise ConfigError(f"unknown key {key!r}; valid keys: {', '.join(sorted(valid))}")
+        value = parse_value(text, valid[key], key)
+        *path, leaf = key.split(".")
+        node = cfg
+        for part in path:
+            node = getattr(node, part)
+        setattr(node, leaf, value)
+    return cfg
+
+
+def copy_config(cfg: Config) -> Config:
+    return from_dict(to_dict(cfg))
+
+
+def parse_value(text: str, hint: Any, key: str) -> Any:
+    """Parse `text` as a value of type `hint` (int, float, bool, str, Optional[...], Literal[...])."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if text.lower() in ("none", "null"):
+            return None
+        return parse_value(text, args[0], key)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if text not in choices:
+            raise ConfigError(f"{key}={text!r} is not one of: {', '.join(map(str, choices))}")
+        return text
+    if hint is bool:
+        low = text.lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}={text!r} is not a bool (use true or false)")
+    if hint is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{key}={text!r} is not an int") from None
+    if hint is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{key}={text!r} is not a float") from None
+    if hint is str:
+        return text
+    raise ConfigError(f"{key}: unsupported field type {hint!r}")  # a bug in the config classes, not user input

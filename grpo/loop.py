@@ -1,0 +1,236 @@
+"""The GRPO loop, run by every rank of the job. Trainer rank 0 also drives: it draws prompts, scores responses and
+writes the run folder.
+
+One step:
+  1. prompts go out to the rollout ranks, completions come back (object collectives on a gloo group);
+  2. rewards and group advantages;
+  3. every trainer rank takes its share of the rows: old and reference log-probs, then per mini-batch the clipped
+     surrogate + KL loss, backward, grad-norm clip, optimizer step;
+  4. the new weights go to the engines (grpo.weight_sync), metrics are written.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from kernels import group_advantage_ref
+from grpo import checkpoint, runlog
+from grpo.batch import Batch, make_batch
+from grpo.config import Config
+from grpo.loss import agg_loss, kl_penalty, policy_loss
+from grpo.policy import build_lm, build_policy, hf_named_parameters
+from grpo.rollout import NativeEngine
+from grpo.tasks import make_task
+from grpo.tiny import build_tokenizer
+from grpo.weight_sync import WeightReceiver, WeightSender
+
+
+@dataclass(frozen=True)
+class Roles:
+    trainers: list[int]  # global ranks; trainers[0] drives
+    rollouts: list[int]
+    device: str  # "cpu" or "cuda"
+
+    def role_of(self, rank: int) -> str:
+        return "trainer" if rank in self.trainers else "rollout"
+
+
+@dataclass
+class Groups:
+    ctrl: object  # every rank, gloo: prompts and completions as Python objects
+    train: object  # trainer ranks: the FSDP2 mesh
+    train_obj: object  # trainer ranks, gloo: the batch as an object
+    sync: object  # trainer 0 + rollout ranks: the weight broadcast
+
+
+def make_groups(roles: Roles) -> Groups:
+    """Every rank creates every group, in the same order (torch.distributed requires it)."""
+    cpu = roles.device == "cpu"
+    ctrl = dist.group.WORLD if cpu else dist.new_group(backend="gloo")
+    train = dist.new_group(roles.trainers)
+    train_obj = train if cpu else dist.new_group(roles.trainers, backend="gloo")
+    sync = dist.new_group([roles.trainers[0], *roles.rollouts])
+    return Groups(ctrl, train, train_obj, sync)
+
+
+def run(cfg: Config, roles: Roles, run_dir: str) -> None:
+    rank = dist.get_rank()
+    groups = make_groups(roles)
+    device = torch.device(roles.device)
+    if rank in roles.trainers:
+        Trainer(cfg, roles, groups, device, Path(run_dir)).run()
+    else:
+        rollout_worker(cfg, roles, groups, device)
+    dist.barrier(group=groups.ctrl)
+
+
+def rollout_worker(cfg: Config, roles: Roles, groups: Groups, device: torch.device) -> None:
+    tok = build_tokenizer()
+    engine = NativeEngine(build_lm(cfg.model, cfg.train.seed).to(device), pad_id=tok.pad_token_id,
+                          eos_id=tok.eos_token_id, max_new_tokens=cfg.rollout.max_new_tokens,
+                          temperature=cfg.rollout.temperature)
+    specs = broadcast_obj(None, roles.trainers[0], groups.ctrl)
+    receiver = WeightReceiver(specs, groups.sync, src=roles.trainers[0],
+                              bucket_bytes=cfg.rollout.sync_bucket_mb << 20, device=device)
+    engine.load_weights(receiver.receive())
+    index = roles.rollouts.index(dist.get_rank())
+    while True:
+        msg = broadcast_obj(None, roles.trainers[0], groups.ctrl)
+        if msg is None:
+            return
+        prompts, seed = msg
+        mine = prompts[index::len(roles.rollouts)]
+        out = engine.generate(mine, cfg.rollout.n, seed=seed * 1000 + index)
+        dist.gather_object(out, None, dst=roles.trainers[0], group=groups.ctrl)
+        engine.load_weights(receiver.receive())
+
+
+def broadcast_obj(obj, src: int, group):
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+class Trainer:
+    def __init__(self, cfg: Config, roles: Roles, groups: Groups, device: torch.device, run_dir: Path):
+        self.cfg, self.roles, self.groups, self.device, self.run_dir = cfg, roles, groups, device, run_dir
+        self.rank = dist.get_rank()
+        self.driver = self.rank == roles.trainers[0]
+        self.dp = len(roles.trainers)
+        mesh = DeviceMesh.from_group(groups.train, device_type=device.type)
+        self.policy = build_policy(cfg.model, mesh, seed=cfg.train.seed, trainable=True, device=device)
+        self.ref = None
+        if cfg.algo.kl_coef > 0:
+            self.ref = build_policy(cfg.model, mesh, seed=cfg.train.seed, trainable=False, device=device)
+        t = cfg.train
+        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: min(1.0, (s + 1) / t.warmup_steps) if t.warmup_steps else 1.0)
+        named = hf_named_parameters(self.policy)
+        self.sender = WeightSender(named, groups.sync, src=roles.trainers[0],
+                                   bucket_bytes=cfg.rollout.sync_bucket_mb << 20)
+        broadcast_obj(self.sender.specs if self.driver else None, roles.trainers[0], groups.ctrl)
+        self.sender.send()
+        self.task = make_task(cfg.data.task)
+        self.tok = build_tokenizer()
+        self.rng = random.Random(cfg.train.seed)
+
+    def run(self) -> None:
+        for step in range(1, self.cfg.train.steps + 1):
+            t0 = time.perf_counter()
+            batch, info = self.rollout(step)
+            t1 = time.perf_counter()
+            stats = self.update(batch)
+            t2 = time.perf_counter()
+            self.sender.send()
+            t3 = time.perf_counter()
+            if self.driver:
+                row = {"step": step, **info, **{k: float(v) for k, v in stats.items()},
+                       "lr": self.sched.get_last_lr()[0], "rollout_s": t1 - t0, "update_s": t2 - t1,
+                       "sync_s": t3 - t2, "step_s": t3 - t0}
+                runlog.append_metrics(self.run_dir, row)
+            every = self.cfg.train.checkpoint_every
+            if step == self.cfg.train.steps or (every and step % every == 0):
+                checkpoint.save(self.run_dir, step, self.policy, self.opt, self.groups.train, self.driver)
+        if self.driver:
+            broadcast_obj(None, self.rank, self.groups.ctrl)  # tells the rollout ranks to stop
+            runlog.plot_rewards(self.run_dir)
+        else:
+            broadcast_obj(None, self.roles.trainers[0], self.groups.ctrl)
+
+    def rollout(self, step: int) -> tuple[Batch, dict]:
+        """Driver: prompts out, completions back, rewards, advantages. Every trainer returns its rows."""
+        cfg, groups, src = self.cfg, self.groups, self.roles.trainers[0]
+        info = {}
+        if self.driver:
+            prompts = [self.task.sample(self.rng) for _ in range(cfg.data.prompts_per_step)]
+            prompt_ids = [self.tok(p.text).input_ids for p in prompts]
+            broadcast_obj((prompt_ids, step), src, groups.ctrl)
+            gathered = [None] * dist.get_world_size()
+            dist.gather_object(None, gathered, dst=src, group=groups.ctrl)
+            groups_out = reassemble([gathered[r] for r in self.roles.rollouts], len(prompts))
+            rewards = torch.tensor([self.task.reward(p, self.response_text(c))
+                                    for p, group in zip(prompts, groups_out) for c in group])
+            adv = group_advantage_ref(rewards, cfg.rollout.n, eps=cfg.algo.adv_eps,
+                                      norm_by_std=cfg.algo.norm_adv_by_std, leave_one_out=cfg.algo.leave_one_out)
+            batch = make_batch(prompt_ids, groups_out, adv, pad_id=self.tok.pad_token_id)
+            lengths = [len(c.token_ids) for group in groups_out for c in group]
+            info = {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),
+                    "response_len": sum(lengths) / len(lengths),
+                    "stop_frac": sum(c.finish_reason == "stop" for g in groups_out for c in g) / len(lengths)}
+        else:
+            broadcast_obj(None, src, groups.ctrl)
+            dist.gather_object(None, None, dst=src, group=groups.ctrl)
+            batch = None
+        if self.dp > 1:
+            batch = broadcast_obj(batch, src, groups.train_obj)
+        share = len(batch) // self.dp
+        i = self.roles.trainers.index(self.rank)
+        return batch.rows(i * share, (i + 1) * share).to(self.device), info
+
+    def response_text(self, c) -> str:
+        """The response as the reward sees it: every token but the closing EOS, special tokens included (a pad
+        or unknown token in the middle of an answer is a wrong word, not an invisible one)."""
+        ids = c.token_ids[:-1] if c.finish_reason == "stop" else c.token_ids
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+    def update(self, batch: Batch) -> dict[str, torch.Tensor]:
+        cfg, algo = self.cfg, self.cfg.algo
+        temp = cfg.rollout.temperature
+        with torch.no_grad():
+            old_logp, _ = self.policy(batch.input_ids, batch.attention_mask, batch.loss_mask, temperature=temp)
+            ref_logp = None
+            if self.ref is not None:
+                ref_logp, _ = self.ref(batch.input_ids, batch.attention_mask, batch.loss_mask, temperature=temp)
+        stats = {"mismatch_abs": masked_mean((old_logp - batch.rollout_logp).abs(), batch.loss_mask)}
+        size = -(-len(batch) // cfg.train.mini_batches)
+        for start in range(0, len(batch), size):
+            stop = min(start + size, len(batch))
+            mb = batch.rows(start, stop)
+            mask = mb.loss_mask
+            # token-mean over the mini-batch of every trainer rank; FSDP averages gradients over dp ranks
+            num_tokens = mask.sum()
+            if self.dp > 1:
+                dist.all_reduce(num_tokens, group=self.groups.train)
+            norm = dict(num_tokens=num_tokens, num_seqs=len(mb) * self.dp, max_len=mask.shape[1])
+            logp, entropy = self.policy(mb.input_ids, mb.attention_mask, mask, temperature=temp)
+            pg, metrics = policy_loss(logp, old_logp[start:stop], mb.advantages, mask, clip_low=algo.clip_low,
+                                      clip_high=algo.clip_high, clip_c=algo.clip_c, agg=algo.agg, **norm)
+            loss = pg
+            ent = agg_loss(entropy, mask, algo.agg, **norm)
+            if algo.entropy_coef:
+                loss = loss - algo.entropy_coef * ent
+            if self.ref is not None:
+                kl = agg_loss(kl_penalty(logp, ref_logp[start:stop], algo.kl_kind), mask, algo.agg, **norm)
+                loss = loss + algo.kl_coef * kl
+                stats["kl"] = kl.detach()
+            (loss * self.dp).backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.train.grad_clip)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
+            stats.update(pg_loss=pg.detach(), entropy=ent.detach(), grad_norm=grad_norm.detach(),
+                         **{k: v.detach() for k, v in metrics.items()})
+        return stats
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def reassemble(per_rank: list[list], num_prompts: int) -> list:
+    """Rollout rank k got prompts k, k+R, k+2R, ...; put their groups back in prompt order."""
+    out = [None] * num_prompts
+    for k, groups in enumerate(per_rank):
+        for j, group in enumerate(groups):
+            out[k + j * len(per_rank)] = group
+    return out
