@@ -21,7 +21,14 @@ class ConfigError(ValueError):
 @dataclass(kw_only=True)
 class ModelConfig:
     path: str = "tiny"  # "tiny": the Qwen2 model built by grpo.tiny; else a local Hugging Face folder
+    arch: str = ""  # shape name for planning when `path` is not readable here (hpc.models); "" = read path
     dtype: Literal["float32", "bfloat16"] = "float32"
+    lora_rank: int = 0  # 0: full fine-tuning
+    lora_alpha: int = 32
+    lora_targets: str = "all-linear"
+    activation_checkpointing: bool = False
+    param_offload: bool = False
+    optimizer_offload: bool = False
 
 
 @dataclass(kw_only=True)
@@ -47,9 +54,9 @@ class AlgoConfig:
     clip_high: float = 0.2
     clip_c: float = 3.0  # dual-clip constant, > 1
     kl_coef: float = 0.001  # 0 turns the KL loss (and the reference model) off
-    kl_kind: str = "low_var_kl"
+    kl_kind: Literal["k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl"] = "low_var_kl"
     entropy_coef: float = 0.0
-    agg: str = "token-mean"
+    agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     norm_adv_by_std: bool = True  # False: Dr.GRPO
     leave_one_out: bool = False
     adv_eps: float = 1e-6
@@ -62,7 +69,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     grad_clip: float = 1.0
-    mini_batches: int = 1  # optimizer steps per rollout batch
+    mini_batches: int = 1  # optimizer steps per rollout batch; must divide the rows of each trainer rank
     seed: int = 0
     checkpoint_every: int = 0  # 0: only at the end
 

@@ -9,6 +9,7 @@ import shutil
 from dataclasses import asdict, dataclass
 
 from grpo.config import Config, ConfigError
+from grpo.tasks import TASKS
 
 
 @dataclass(kw_only=True)
@@ -46,13 +47,15 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"train.lr={cfg.train.lr} must be positive")
     if cfg.rollout.temperature <= 0:
         raise ConfigError(f"rollout.temperature={cfg.rollout.temperature} must be positive")
+    if cfg.data.task not in TASKS:
+        raise ConfigError(f"data.task={cfg.data.task!r} is not a task; valid tasks: {', '.join(sorted(TASKS))}")
     rows = cfg.data.prompts_per_step * cfg.rollout.n
     per_rank = rows // cfg.job.trainer_ranks
-    if rows % cfg.job.trainer_ranks or per_rank < cfg.train.mini_batches:
+    if rows % cfg.job.trainer_ranks or per_rank % cfg.train.mini_batches:
         raise ConfigError(
             f"{rows} responses per step (data.prompts_per_step x rollout.n) must split evenly over "
-            f"job.trainer_ranks={cfg.job.trainer_ranks}, with at least train.mini_batches="
-            f"{cfg.train.mini_batches} per rank")
+            f"job.trainer_ranks={cfg.job.trainer_ranks} and then over train.mini_batches="
+            f"{cfg.train.mini_batches}")
 
 
 def plan_job(cfg: Config) -> Plan:
