@@ -6,6 +6,7 @@ setup(
     description="GRPO training of 70B-class language models on Slurm: FSDP2 trainers, vLLM rollouts, no Ray",
     python_requires=">=3.10",
     packages=find_packages(include=["hpc", "hpc.*", "grpo", "grpo.*", "kernels", "kernels.*"]),
+    package_data={"grpo": ["sample_data/*"]},
     install_requires=[
         "torch>=2.6,<2.15",
         "transformers>=4.51,<6",
@@ -16,6 +17,7 @@ setup(
         "tqdm>=4.66,<5",
         "matplotlib>=3.8,<4",
         "pyarrow>=15,<30",
+        "math-verify>=0.8,<1",
     ],
     extras_require={
         "dev": ["pytest>=8,<10", "pytest-timeout>=2.3,<3"],

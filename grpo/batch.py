@@ -16,18 +16,50 @@ class Batch:
     loss_mask: torch.Tensor  # [S, L-1] 1 where target token t+1 is a response token
     advantages: torch.Tensor  # [S]
     rollout_logp: torch.Tensor  # [S, L-1] the engine's log-probs, at loss_mask positions
+    old_logp: torch.Tensor | None = None  # [S, L-1] the trainer's, before the update
+    ref_logp: torch.Tensor | None = None  # [S, L-1] the reference policy's
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def rows(self, start: int, stop: int) -> "Batch":
-        return Batch(*(t[start:stop] for t in self.tensors()))
+    def fields(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in vars(self).items() if v is not None}
 
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.input_ids, self.attention_mask, self.loss_mask, self.advantages, self.rollout_logp
+    def rows(self, start: int, stop: int) -> "Batch":
+        return Batch(**{k: v[start:stop] for k, v in self.fields().items()})
+
+    def select(self, index: torch.Tensor) -> "Batch":
+        return Batch(**{k: v[index] for k, v in self.fields().items()})
+
+    def trim(self) -> "Batch":
+        """Drop the padding columns that no row of this batch uses."""
+        width = max(int(self.attention_mask.sum(1).max()), 2)
+        return Batch(**{k: v if v.dim() == 1 else v[:, :width - (k not in ("input_ids", "attention_mask"))]
+                        for k, v in self.fields().items()})
 
     def to(self, device) -> "Batch":
-        return Batch(*(t.to(device, non_blocking=True) for t in self.tensors()))
+        return Batch(**{k: v.to(device, non_blocking=True) for k, v in self.fields().items()})
+
+
+def split_by_tokens(lengths: list[int], budget: int) -> list[list[int]]:
+    """Rows grouped into micro-batches of at most `budget` padded tokens (rows x longest row).
+
+    Rows are taken shortest first, so each micro-batch holds rows of similar length and little padding; a row
+    longer than the budget gets a micro-batch of its own. budget <= 0: one micro-batch.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    if budget <= 0:
+        return [order]
+    groups, current, longest = [], [], 0
+    for i in order:
+        if current and (len(current) + 1) * max(longest, lengths[i]) > budget:
+            groups.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, lengths[i])
+    if current:
+        groups.append(current)
+    return groups
 
 
 def make_batch(prompt_ids: list[list[int]], groups: list[list[Completion]], advantages: torch.Tensor,

@@ -33,7 +33,8 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    task: str = "repeat"  # a toy task of grpo.tasks
+    task: str = "repeat"  # a toy task of grpo.tasks, or "dataset": prompts from train_path
+    train_path: str = ""  # parquet or jsonl in verl's layout (grpo.data)
     prompts_per_step: int = 8
     max_prompt_len: int = 32
 
@@ -44,7 +45,9 @@ class RolloutConfig:
     n: int = 8  # samples per prompt: the GRPO group size
     max_new_tokens: int = 8
     temperature: float = 1.0
-    tensor_parallel: int = 1
+    tensor_parallel: int = 0  # 0: the planner picks the smallest that fits, inside one node
+    gpu_memory_utilization: float = 0.85  # share of each rollout GPU the engine may take
+    max_num_seqs: int = 256  # sequences an engine runs at once (sizes the KV cache)
     sync_bucket_mb: int = 1024  # weight-sync bucket size
 
 
@@ -70,6 +73,7 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: float = 1.0
     mini_batches: int = 1  # optimizer steps per rollout batch; must divide the rows of each trainer rank
+    max_tokens_per_gpu: int = 0  # token budget of a micro-batch (0: one micro-batch per mini-batch)
     seed: int = 0
     checkpoint_every: int = 0  # 0: only at the end
 
@@ -82,8 +86,10 @@ class JobConfig:
     gpu_type: Optional[str] = None  # None: CPU ranks (gloo)
     nodes: int = 1
     gpus_per_node: int = 0
-    trainer_ranks: int = 1  # on CPU; GPU presets derive the split in hpc.plan
-    rollout_ranks: int = 1
+    trainer_ranks: int = 1  # CPU jobs: trainer processes. GPU jobs: trainer GPUs, 0 = the planner's split
+    rollout_ranks: int = 1  # CPU jobs only: rollout processes
+    trainer_fraction: float = 0.5  # GPU jobs with trainer_ranks=0: the share of GPUs the planner aims to train on
+    host_mem_gb: int = 0  # host memory per node when no cluster says it (0: unknown, not checked)
     partition: Optional[str] = None
     time_limit_min: int = 30
     cpus_per_task: int = 1

@@ -22,7 +22,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from kernels import group_advantage_ref
 from grpo import checkpoint, runlog
-from grpo.batch import Batch, make_batch
+from grpo.batch import Batch, make_batch, split_by_tokens
 from grpo.config import Config
 from grpo.loss import agg_loss, kl_penalty, policy_loss
 from grpo.policy import build_lm, build_policy, hf_named_parameters
@@ -181,46 +181,80 @@ class Trainer:
         ids = c.token_ids[:-1] if c.finish_reason == "stop" else c.token_ids
         return self.tok.decode(ids, skip_special_tokens=False)
 
+    @torch.no_grad()
+    def logprobs(self, model, batch: Batch) -> torch.Tensor:
+        """[S, L-1] log-probs under `model`, micro-batch by micro-batch (forward only)."""
+        out = torch.zeros_like(batch.loss_mask)
+        for idx in self.micro_batches(batch):
+            mb = batch.select(idx).trim() if len(idx) else batch.rows(0, 1)  # empty: run for the collectives
+            logp, _ = model(mb.input_ids, mb.attention_mask, mb.loss_mask, temperature=self.cfg.rollout.temperature)
+            if len(idx):
+                out[idx, :logp.shape[1]] = logp
+        return out
+
+    def micro_batches(self, batch: Batch) -> list[torch.Tensor]:
+        """Row indices of each micro-batch; every trainer rank gets the same count (FSDP2's collectives must
+        match), padding with empty micro-batches where a rank needs fewer."""
+        lengths = batch.attention_mask.sum(1).tolist()
+        groups = split_by_tokens(lengths, self.cfg.train.max_tokens_per_gpu)
+        count = torch.tensor(len(groups))
+        if self.dp > 1:
+            dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.groups.train_obj)
+        groups += [[]] * (int(count) - len(groups))
+        return [torch.tensor(g, dtype=torch.long, device=batch.input_ids.device) for g in groups]
+
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
         cfg, algo = self.cfg, self.cfg.algo
-        temp = cfg.rollout.temperature
-        with torch.no_grad():
-            old_logp, _ = self.policy(batch.input_ids, batch.attention_mask, batch.loss_mask, temperature=temp)
-            ref_logp = None
-            if self.ref is not None:
-                ref_logp, _ = self.ref(batch.input_ids, batch.attention_mask, batch.loss_mask, temperature=temp)
-        stats = {"mismatch_abs": masked_mean((old_logp - batch.rollout_logp).abs(), batch.loss_mask)}
-        size = -(-len(batch) // cfg.train.mini_batches)
+        batch.old_logp = self.logprobs(self.policy, batch)
+        if self.ref is not None:
+            batch.ref_logp = self.logprobs(self.ref, batch)
+        sums: dict[str, torch.Tensor] = {}
+        add = lambda k, v: sums.__setitem__(k, sums.get(k, 0) + v.detach().float())
+        size = len(batch) // cfg.train.mini_batches
         for start in range(0, len(batch), size):
-            stop = min(start + size, len(batch))
-            mb = batch.rows(start, stop)
-            mask = mb.loss_mask
-            # token-mean over the mini-batch of every trainer rank; FSDP averages gradients over dp ranks
-            num_tokens = mask.sum()
+            mini = batch.rows(start, start + size)
+            # token-mean over the mini-batch of every trainer rank; FSDP2 averages gradients over the dp ranks
+            num_tokens = mini.loss_mask.sum()
             if self.dp > 1:
                 dist.all_reduce(num_tokens, group=self.groups.train)
-            norm = dict(num_tokens=num_tokens, num_seqs=len(mb) * self.dp, max_len=mask.shape[1])
-            logp, entropy = self.policy(mb.input_ids, mb.attention_mask, mask, temperature=temp)
-            pg, metrics = policy_loss(logp, old_logp[start:stop], mb.advantages, mask, clip_low=algo.clip_low,
-                                      clip_high=algo.clip_high, clip_c=algo.clip_c, agg=algo.agg, **norm)
-            loss = pg
-            ent = agg_loss(entropy, mask, algo.agg, **norm)
-            if algo.entropy_coef:
-                loss = loss - algo.entropy_coef * ent
-            if self.ref is not None:
-                kl = agg_loss(kl_penalty(logp, ref_logp[start:stop], algo.kl_kind), mask, algo.agg, **norm)
-                loss = loss + algo.kl_coef * kl
-                stats["kl"] = kl.detach()
-            (loss * self.dp).backward()
+            norm = dict(num_tokens=num_tokens, num_seqs=len(mini) * self.dp, max_len=cfg.rollout.max_new_tokens)
+            micro = self.micro_batches(mini)
+            for j, idx in enumerate(micro):
+                empty = len(idx) == 0
+                mb = mini.rows(0, 1) if empty else mini.select(idx).trim()
+                self.policy.set_requires_gradient_sync(j == len(micro) - 1)
+                logp, entropy = self.policy(mb.input_ids, mb.attention_mask, mb.loss_mask,
+                                            temperature=cfg.rollout.temperature)
+                old = mb.old_logp[:, :logp.shape[1]]
+                pg, metrics = policy_loss(logp, old, mb.advantages, mb.loss_mask, clip_low=algo.clip_low,
+                                          clip_high=algo.clip_high, clip_c=algo.clip_c, agg=algo.agg, **norm)
+                ent = agg_loss(entropy, mb.loss_mask, algo.agg, **norm)
+                loss = pg - algo.entropy_coef * ent
+                if self.ref is not None:
+                    kl = agg_loss(kl_penalty(logp, mb.ref_logp[:, :logp.shape[1]], algo.kl_kind), mb.loss_mask,
+                                  algo.agg, **norm)
+                    loss = loss + algo.kl_coef * kl
+                    add("kl", kl * (not empty))
+                (loss * (self.dp * (not empty))).backward()
+                share = mb.loss_mask.sum() / num_tokens * (not empty)  # this micro-batch's share of the tokens
+                add("pg_loss", pg * (not empty))
+                add("entropy", ent * (not empty))
+                for k, v in metrics.items():
+                    add(k, v * share)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.train.grad_clip)
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
             self.opt.step()
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
-            stats.update(pg_loss=pg.detach(), entropy=ent.detach(), grad_norm=grad_norm.detach(),
-                         **{k: v.detach() for k, v in metrics.items()})
-        return stats
+            add("grad_norm", grad_norm / self.dp)
+        add("mismatch_abs", masked_mean((batch.old_logp - batch.rollout_logp).abs(), batch.loss_mask) / self.dp)
+        names = sorted(sums)
+        stats = torch.stack([sums[k] for k in names])
+        if self.dp > 1:
+            dist.all_reduce(stats, group=self.groups.train)
+        stats[[i for i, k in enumerate(names) if k != "mismatch_abs"]] /= cfg.train.mini_batches
+        return dict(zip(names, stats))
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,27 +1,49 @@
 """Weight sync: trainer -> rollout engines by bucketed broadcast on a dedicated process group.
 
-Every trainer rank walks the parameters in one fixed order and gathers each full tensor from its FSDP2 shards
-(`DTensor.full_tensor()` is a collective over the trainer group); trainer rank `src` packs the bytes into buckets of
-about `bucket_bytes` and broadcasts each bucket over `group`, which spans `src` and every rollout rank. Receivers
-know the bucket layout in advance (it is exchanged once, at start-up), so only raw bytes travel: no names, no pickles.
+Every trainer rank walks the tensors in one fixed order. Trainer rank `src` packs them into buckets of about
+`bucket_bytes` and broadcasts each bucket over `group`, which spans `src` and every rollout rank. Receivers know the
+bucket layout in advance (the specs are exchanged once, at start-up), so only raw bytes travel: no names, no pickles.
 The same code runs on gloo (CPU) and NCCL (GPU).
+
+How a bucket is filled on `src`:
+- an FSDP2 parameter (a DTensor sharded on dim 0 over a 1-D mesh that contains `src`): every other trainer rank
+  sends its own rows straight into the bucket (batched point-to-point on the trainer group), `src` copies its own.
+  Only `src` ever holds a full tensor, nothing is gathered to the other trainers, and no unpacking copy is needed:
+  the rows of rank r of a `torch.chunk` split are one contiguous byte range of the full tensor.
+- any other DTensor (HSDP, TP, ...): `full_tensor()` on every trainer rank, `src` copies it in.
+- a plain tensor: `src` copies its own.
+
+Pipelining: two buckets are in flight. The broadcast of bucket k is asynchronous, so the gather of bucket k+1 (on the
+trainer group's communicator) runs while bucket k is on the wire (on the sync group's communicator); a bucket buffer is
+refilled only after its previous broadcast finished. With NCCL every wait is a stream wait, not a host sync. Receivers
+keep two receives posted the same way, so the copy of bucket k into the engine overlaps the arrival of bucket k+1.
+
+Memory while a sync runs: `src` holds 2 buckets, every other trainer rank 2 buckets / trainer ranks, every receiver
+2 buckets.
 """
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 ALIGN = 64  # byte alignment of each tensor in a bucket, so a uint8 slice can be viewed as any dtype
+DEFAULT_BUCKET_BYTES = 1 << 30
+
+# Measured end to end (FSDP2 shards -> weights loaded in the engine), one node, NVLink; see GPU_NOTES.md
+# ("Weight sync and engines"). Across nodes the broadcast is bound by the NICs instead (about 40-50 GB/s for one
+# 400 Gb/s NIC per GPU); pass that figure to expected_sync_seconds for rollout ranks on other nodes.
+MEASURED_NVLINK_SYNC_GBPS = 300.0
 
 
 @dataclass(frozen=True)
 class TensorSpec:
-    name: str  # Hugging Face parameter name
+    name: str  # Hugging Face parameter name (or peft's, for adapter tensors)
     shape: tuple[int, ...]
     dtype: str  # e.g. "float32"
     offset: int = 0  # byte offset inside its bucket
@@ -39,6 +61,8 @@ def spec_of(name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -
 
 def plan_buckets(specs: list[TensorSpec], bucket_bytes: int) -> list[list[TensorSpec]]:
     """Group tensors, in order, into buckets of at most `bucket_bytes` (a larger tensor gets a bucket of its own)."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes={bucket_bytes}: the weight-sync bucket size must be positive")
     buckets, current, used = [], [], 0
     for spec in specs:
         nbytes = torch.Size(spec.shape).numel() * dtype_of(spec.dtype).itemsize
@@ -57,50 +81,234 @@ def bucket_size(bucket: list[TensorSpec]) -> int:
     return last.offset + last.nbytes
 
 
-class WeightSender:
-    """Called on every trainer rank (they all take part in the gathers); rank `src` broadcasts."""
+def total_bytes(specs: list[TensorSpec]) -> int:
+    """Payload bytes of one sync (what the planner divides by a bandwidth)."""
+    return sum(torch.Size(s.shape).numel() * dtype_of(s.dtype).itemsize for s in specs)
 
-    def __init__(self, named_params: list[tuple[str, torch.Tensor]], group, *, src: int, bucket_bytes: int,
-                 dtype: torch.dtype | None = None):
-        self.params = dict(named_params)
+
+def expected_sync_seconds(num_bytes: int, bandwidth_GBps: float = MEASURED_NVLINK_SYNC_GBPS) -> float:
+    """Seconds one weight sync of `num_bytes` takes at an end-to-end bandwidth of `bandwidth_GBps` (1e9 B/s)."""
+    if bandwidth_GBps <= 0:
+        raise ValueError(f"bandwidth_GBps={bandwidth_GBps}: must be positive")
+    return num_bytes / (bandwidth_GBps * 1e9)
+
+
+def chunk_rows(dim0: int, num_shards: int, index: int) -> tuple[int, int]:
+    """Rows [start, stop) of shard `index` when `torch.chunk` splits `dim0` rows in `num_shards` (FSDP2's rule)."""
+    size = -(-dim0 // num_shards) if dim0 else 0
+    return min(index * size, dim0), min((index + 1) * size, dim0)
+
+
+class StatelessGroup:
+    """A two-or-more-process group outside the default torch.distributed world.
+
+    For engines whose workers live in processes of their own (vLLM's), which cannot join the job's default group:
+    trainer rank `src` hosts a TCPStore at (host, port) as rank 0 of this group and every engine worker joins with
+    its own rank. Only broadcasts from rank 0 are used.
+    """
+
+    def __init__(self, *, host: str, port: int, rank: int, world_size: int, backend: str,
+                 timeout_s: float = 600.0):
+        if backend not in ("nccl", "gloo"):
+            raise ValueError(f"backend={backend!r}: the weight-sync group runs on 'nccl' or 'gloo'")
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
+        self.store = store  # keep the master alive as long as the group
+        prefix = dist.PrefixStore("grpo-weight-sync", store)
+        if backend == "nccl":
+            self.pg = dist.ProcessGroupNCCL(prefix, rank, world_size)
+        else:
+            self.pg = dist.ProcessGroupGloo(prefix, rank, world_size, timeout)
+        self.rank, self.world_size, self.backend = rank, world_size, backend
+
+    def broadcast_from_root(self, tensor: torch.Tensor):
+        opts = dist.BroadcastOptions()
+        opts.rootRank, opts.rootTensor = 0, 0
+        return self.pg.broadcast([tensor], opts)
+
+
+def _broadcast(buf: torch.Tensor, *, src: int, group):
+    """Asynchronous broadcast from `src` (a global rank; rank 0 of a StatelessGroup)."""
+    if isinstance(group, StatelessGroup):
+        return group.broadcast_from_root(buf)
+    return dist.broadcast(buf, src=src, group=group, async_op=True)
+
+
+@dataclass
+class _Item:
+    spec: TensorSpec
+    param: torch.Tensor
+    mode: str  # "rows": FSDP2 dim-0 shards sent point-to-point; "full": full_tensor(); "whole": src's own copy
+
+
+def _train_group_of(param: torch.Tensor, src: int):
+    """The trainer group of an FSDP2-style parameter whose rows can travel point-to-point, else None."""
+    if not isinstance(param, DTensor):
+        return None
+    mesh = param.device_mesh
+    if mesh.ndim != 1 or tuple(param.placements) != (Shard(0),) or not param.shape:
+        return None
+    group = mesh.get_group()
+    return group if src in dist.get_process_group_ranks(group) else None
+
+
+class WeightSender:
+    """Called on every trainer rank (they all take part in the gathers); rank `src` broadcasts.
+
+    `named_params` is the full list, in the same order on every rank; `include` keeps only the names it returns True
+    for (e.g. only LoRA adapter tensors). `dtype` casts what travels (e.g. fp32 master weights sent as bf16).
+    """
+
+    def __init__(self, named_params: list[tuple[str, torch.Tensor]], group, *, src: int,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: torch.dtype | None = None,
+                 include: Callable[[str], bool] | None = None):
+        named_params = [(n, p) for n, p in named_params if include is None or include(n)]
+        if not named_params:
+            raise ValueError("weight sync has no tensors to send: the include filter matched no parameter name")
         self.specs = [spec_of(name, p, dtype) for name, p in named_params]
         self.buckets = plan_buckets(self.specs, bucket_bytes)
         self.group, self.src = group, src
-        self.is_src = dist.get_rank() == src
+        self.rank = dist.get_rank()
+        self.is_src = self.rank == src
+        params = dict(named_params)
+        self.train_group = None
+        for _, p in named_params:
+            if self.train_group is None:
+                self.train_group = _train_group_of(p, src)
+        self.items = []
+        for bucket in self.buckets:
+            row = []
+            for spec in bucket:
+                p = params[spec.name]
+                if self.train_group is not None and _train_group_of(p, src) is self.train_group:
+                    mode = "rows"
+                else:
+                    mode = "full" if isinstance(p, DTensor) else "whole"
+                row.append(_Item(spec, p, mode))
+            self.items.append(row)
+        if self.train_group is not None:
+            self.train_ranks = dist.get_process_group_ranks(self.train_group)
+            self.my_index = self.train_ranks.index(self.rank)
+            self._check_local_rows()
+
+    def _check_local_rows(self) -> None:
+        for row in self.items:
+            for item in row:
+                if item.mode == "rows":
+                    start, stop = chunk_rows(item.spec.shape[0], len(self.train_ranks), self.my_index)
+                    local = item.param.to_local()
+                    assert local.shape[0] == stop - start, (
+                        f"{item.spec.name}: local shard has {local.shape[0]} rows, torch.chunk gives {stop - start}")
 
     @torch.no_grad()
     def send(self) -> int:
-        """Broadcast every bucket once; returns the bytes sent."""
+        """Broadcast every bucket once; returns the bytes broadcast (0 on ranks other than `src`)."""
         sent = 0
-        for bucket in self.buckets:
+        bufs, pending = [None, None], [None, None]
+        device = None
+        for k, row in enumerate(self.items):
+            slot = k % 2
+            if pending[slot] is not None:  # the buffer's previous broadcast must be done before it is refilled
+                pending[slot].wait()
+                pending[slot] = None
+            size = bucket_size(self.buckets[k])
+            ops, keep = [], []
             buf = None
-            for spec in bucket:
-                p = self.params[spec.name]
-                full = p.full_tensor() if isinstance(p, DTensor) else p.detach()
-                if self.is_src:
-                    if buf is None:
-                        buf = torch.empty(bucket_size(bucket), dtype=torch.uint8, device=full.device)
-                    flat = full.to(dtype_of(spec.dtype)).contiguous().view(-1).view(torch.uint8)
-                    buf[spec.offset:spec.offset + spec.nbytes].copy_(flat)
             if self.is_src:
-                dist.broadcast(buf, src=self.src, group=self.group)
-                sent += buf.numel()
+                device = device or _device_of(row[0].param)
+                if bufs[slot] is None or bufs[slot].numel() < size:
+                    bufs[slot] = torch.empty(max(size, _max_bucket(self.buckets)), dtype=torch.uint8, device=device)
+                buf = bufs[slot][:size]
+            for item in row:
+                spec, dtype = item.spec, dtype_of(item.spec.dtype)
+                if item.mode == "rows":
+                    ops += self._rows_ops(item, buf, dtype, keep)
+                elif item.mode == "full":
+                    full = item.param.full_tensor()
+                    if self.is_src:
+                        _view(buf, spec).copy_(full)
+                elif self.is_src:
+                    _view(buf, spec).copy_(item.param.detach())
+            if ops:
+                for work in dist.batch_isend_irecv(ops):
+                    work.wait()
+            del keep
+            if self.is_src:
+                pending[slot] = _broadcast(buf, src=self.src, group=self.group)
+                sent += size
+        for work in pending:
+            if work is not None:
+                work.wait()
         return sent
+
+    def _rows_ops(self, item: _Item, buf, dtype: torch.dtype, keep: list) -> list:
+        """Point-to-point ops that put every trainer's rows of `item` into `buf` on src; src copies its own rows."""
+        spec = item.spec
+        row_bytes = spec.nbytes // spec.shape[0]
+        local = item.param.to_local()
+        ops = []
+        if self.is_src:
+            full = _view(buf, spec)
+            for index, peer in enumerate(self.train_ranks):
+                start, stop = chunk_rows(spec.shape[0], len(self.train_ranks), index)
+                if start == stop:
+                    continue
+                if peer == self.rank:
+                    full[start:stop].copy_(local)
+                else:
+                    raw = buf[spec.offset + start * row_bytes:spec.offset + stop * row_bytes]
+                    ops.append(dist.P2POp(dist.irecv, raw, peer, self.train_group))
+        elif local.shape[0]:
+            data = local.to(dtype).contiguous()
+            keep.append(data)  # alive until the batch of ops is waited on
+            ops.append(dist.P2POp(dist.isend, data.view(-1).view(torch.uint8), self.src, self.train_group))
+        return ops
+
+
+def _device_of(param: torch.Tensor) -> torch.device:
+    return param.to_local().device if isinstance(param, DTensor) else param.device
+
+
+def _max_bucket(buckets: list[list[TensorSpec]]) -> int:
+    return max(bucket_size(b) for b in buckets)
+
+
+def _view(buf: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
+    """The bytes of `spec` inside its bucket, as a tensor of its dtype and shape."""
+    return buf[spec.offset:spec.offset + spec.nbytes].view(dtype_of(spec.dtype)).view(spec.shape)
 
 
 class WeightReceiver:
-    """Called on every rollout rank: yields (name, tensor) views into the current bucket."""
+    """Called on every rollout rank: yields (name, tensor) views into the current bucket.
 
-    def __init__(self, specs: list[TensorSpec], group, *, src: int, bucket_bytes: int, device: torch.device):
-        self.buckets = plan_buckets(specs, bucket_bytes)
-        self.group, self.src, self.device = group, src, device
+    `src` is the broadcasting trainer's global rank (ignored for a StatelessGroup, whose rank 0 it is).
+    """
+
+    def __init__(self, specs: list[TensorSpec], group, *, src: int, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 device: torch.device):
+        self.specs = list(specs)
+        self.buckets = plan_buckets(self.specs, bucket_bytes)
+        self.group, self.src, self.device = group, src, torch.device(device)
 
     @torch.no_grad()
     def receive(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Each yielded tensor is valid until the next bucket arrives: consume (copy) it right away."""
-        for bucket in self.buckets:
-            buf = torch.empty(bucket_size(bucket), dtype=torch.uint8, device=self.device)
-            dist.broadcast(buf, src=self.src, group=self.group)
+        """Each yielded tensor is valid until the next bucket is consumed: copy it right away, on the current stream
+        (the receive that reuses its buffer is ordered after the work queued there)."""
+        cap = _max_bucket(self.buckets)
+        bufs = [torch.empty(cap, dtype=torch.uint8, device=self.device) for _ in range(min(2, len(self.buckets)))]
+        works = [None] * len(bufs)
+
+        def post(k: int) -> None:
+            slot = k % 2
+            works[slot] = _broadcast(bufs[slot][:bucket_size(self.buckets[k])], src=self.src, group=self.group)
+
+        for k in range(len(bufs)):
+            post(k)
+        for k, bucket in enumerate(self.buckets):
+            slot = k % 2
+            works[slot].wait()
+            buf = bufs[slot]
             for spec in bucket:
-                raw = buf[spec.offset:spec.offset + spec.nbytes]
-                yield spec.name, raw.view(dtype_of(spec.dtype)).view(spec.shape)
+                yield spec.name, _view(buf, spec)
+            if k + 2 < len(self.buckets):
+                post(k + 2)

@@ -56,7 +56,7 @@ class RankJob:
         if device == "cpu":
             torch.set_num_threads(max(1, cfg.job.cpus_per_task))
         else:
-            torch.cuda.set_device(renv.local_rank)
+            torch.cuda.set_device(renv.local_rank % torch.cuda.device_count())  # one GPU may serve two ranks
         dist.init_process_group(
             backend="gloo" if device == "cpu" else "nccl",
             init_method=f"tcp://{renv.master_addr}:{renv.master_port}",

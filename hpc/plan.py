@@ -1,15 +1,21 @@
-"""Planning: from a config (and, with Slurm, the live cluster) to ranks, roles and an executor.
+"""Planning: from a config and the cluster to a partition, nodes, ranks, roles and per-GPU memory.
 
-Ranks 0..T-1 train (rank 0 drives), ranks T..T+R-1 generate.
+Ranks 0..T-1 train (rank 0 drives), ranks T..W-1 generate. On GPUs there is one task per GPU; the rollout ranks
+form engines of `tp` GPUs, each inside one node. The split, the engines' tensor parallelism and the trainer's
+micro-batch token budget come from the memory model (hpc.memory).
 """
 
 from __future__ import annotations
 
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from grpo.config import Config, ConfigError
 from grpo.tasks import TASKS
+from hpc import memory
+from hpc.models import ModelShape, resolve_shape
+
+GPU_MEMORY_GB = {"h100": 80, "h800": 80, "h20": 96, "h200": 141, "a100": 80, "a800": 80, "l40s": 48, "b200": 180}
 
 
 @dataclass(kw_only=True)
@@ -20,7 +26,14 @@ class Plan:
     tasks_per_node: int
     trainers: list[int]
     rollouts: list[int]
-    notes: list[str]
+    notes: list[str] = field(default_factory=list)
+    partition: str | None = None
+    nodelist: list[str] = field(default_factory=list)
+    gpu_type: str | None = None
+    gpus_per_node: int = 0
+    tp: int = 1
+    tokens_per_micro_batch: int = 0
+    memory_table: str = ""
 
     @property
     def world_size(self) -> int:
@@ -38,56 +51,266 @@ def check_config(cfg: Config) -> None:
     """Reject combinations no run can satisfy, with a message that says what would work."""
     positive = {"train.steps": cfg.train.steps, "data.prompts_per_step": cfg.data.prompts_per_step,
                 "rollout.n": cfg.rollout.n, "rollout.max_new_tokens": cfg.rollout.max_new_tokens,
-                "train.mini_batches": cfg.train.mini_batches, "job.trainer_ranks": cfg.job.trainer_ranks,
-                "job.rollout_ranks": cfg.job.rollout_ranks, "rollout.sync_bucket_mb": cfg.rollout.sync_bucket_mb}
+                "train.mini_batches": cfg.train.mini_batches, "job.rollout_ranks": cfg.job.rollout_ranks,
+                "rollout.sync_bucket_mb": cfg.rollout.sync_bucket_mb, "job.nodes": cfg.job.nodes}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}={value} must be at least 1")
+    if cfg.job.trainer_ranks < (0 if cfg.job.gpu_type else 1):
+        raise ConfigError(f"job.trainer_ranks={cfg.job.trainer_ranks} must be at least 1")
     if cfg.train.lr <= 0:
         raise ConfigError(f"train.lr={cfg.train.lr} must be positive")
     if cfg.rollout.temperature <= 0:
         raise ConfigError(f"rollout.temperature={cfg.rollout.temperature} must be positive")
-    if cfg.data.task not in TASKS:
-        raise ConfigError(f"data.task={cfg.data.task!r} is not a task; valid tasks: {', '.join(sorted(TASKS))}")
+    if cfg.data.task not in TASKS and cfg.data.task != "dataset":
+        raise ConfigError(f"data.task={cfg.data.task!r} is not a task; valid tasks: "
+                          f"{', '.join(sorted(TASKS))}, dataset")
+    if cfg.data.task == "dataset" and not cfg.data.train_path:
+        raise ConfigError("data.task=dataset needs data.train_path (a parquet or jsonl file in verl's layout)")
+    if cfg.job.gpu_type and cfg.job.gpus_per_node < 1:
+        raise ConfigError(f"job.gpu_type={cfg.job.gpu_type!r} needs job.gpus_per_node of at least 1")
+
+
+def check_split(cfg: Config, trainers: int) -> None:
     rows = cfg.data.prompts_per_step * cfg.rollout.n
-    per_rank = rows // cfg.job.trainer_ranks
-    if rows % cfg.job.trainer_ranks or per_rank % cfg.train.mini_batches:
+    if rows % trainers or (rows // trainers) % cfg.train.mini_batches:
         raise ConfigError(
             f"{rows} responses per step (data.prompts_per_step x rollout.n) must split evenly over "
-            f"job.trainer_ranks={cfg.job.trainer_ranks} and then over train.mini_batches="
-            f"{cfg.train.mini_batches}")
+            f"{trainers} trainer ranks and then over train.mini_batches={cfg.train.mini_batches}")
 
 
-def plan_job(cfg: Config) -> Plan:
+def plan_job(cfg: Config, cluster=None) -> Plan:
+    """`cluster`: an hpc.cluster.Cluster from sinfo (live or saved); None plans against the nominal hardware."""
     check_config(cfg)
     job = cfg.job
-    executor = job.executor
-    notes = []
+    executor, notes = job.executor, []
     if executor == "auto":
-        executor = "slurm" if slurm_available() else "local"
-        notes.append("Slurm found: submitting with sbatch" if executor == "slurm"
-                     else "no Slurm on this machine: running with submitit's local executor")
-    if job.gpu_type is not None:
-        raise ConfigError(f"job.gpu_type={job.gpu_type!r}: GPU planning is not available yet; use a CPU preset")
-    if executor == "slurm":
-        raise ConfigError("job.executor=slurm: Slurm submission is not available yet; use job.executor=local")
+        executor = "slurm" if (cluster is not None or slurm_available()) else "local"
+    if executor == "local" and (job.gpu_type or job.nodes > 1):
+        raise ConfigError(f"the local executor runs one node without Slurm; this job wants {job.nodes} node(s)"
+                          + (f" of {job.gpu_type}" if job.gpu_type else "") + ": submit it on a Slurm cluster")
+    partition, nodelist, host_gb = job.partition, [], job.host_mem_gb
+    if executor == "slurm" and cluster is not None:
+        partition, nodelist, host_gb, skipped = choose_nodes(cfg, cluster)
+        notes += skipped
+    elif executor == "slurm":
+        notes.append("no cluster information: planned against the preset's nominal hardware")
+    if job.gpu_type is None:
+        plan = plan_cpu(cfg, executor)
+    else:
+        plan = plan_gpus(cfg, executor, host_gb)
+    plan.partition, plan.nodelist = partition, nodelist
+    plan.notes = notes + plan.notes
+    return plan
+
+
+def plan_cpu(cfg: Config, executor: str) -> Plan:
+    job = cfg.job
     t, r = job.trainer_ranks, job.rollout_ranks
-    return Plan(executor=executor, device="cpu", nodes=1, tasks_per_node=t + r,
+    check_split(cfg, t)
+    if (t + r) % job.nodes:
+        raise ConfigError(f"{t + r} CPU ranks (job.trainer_ranks + job.rollout_ranks) must split evenly over "
+                          f"job.nodes={job.nodes}")
+    notes = ["no Slurm on this machine: running with submitit's local executor"] if executor == "local" else []
+    return Plan(executor=executor, device="cpu", nodes=job.nodes, tasks_per_node=(t + r) // job.nodes,
                 trainers=list(range(t)), rollouts=list(range(t, t + r)), notes=notes)
+
+
+def plan_gpus(cfg: Config, executor: str, host_gb: float) -> Plan:
+    job, model = cfg.job, cfg.model
+    try:
+        shape = resolve_shape(model.path, model.arch)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    card = GPU_MEMORY_GB.get(job.gpu_type)
+    if card is None:
+        raise ConfigError(f"job.gpu_type={job.gpu_type!r} has no memory size here; known: "
+                          f"{', '.join(sorted(GPU_MEMORY_GB))}")
+    total, per_node = job.nodes * job.gpus_per_node, job.gpus_per_node
+    tp, engine, seqs = pick_tp(cfg, shape, card)
+    kv_note = f"each engine's KV cache holds {seqs} sequences of {seq_len(cfg)} tokens"
+    if total == 1:
+        plan = plan_shared_gpu(cfg, shape, card, engine, executor)
+        plan.notes.append(kv_note)
+        return plan
+    trainer_gpus, trainer_est, tokens, misfit = pick_trainers(cfg, shape, card, total, tp, host_gb)
+    if trainer_gpus is None:
+        raise ConfigError(misfit)
+    check_split(cfg, trainer_gpus)
+    table = memory.format_estimates([trainer_est, engine], card, job.gpu_type)
+    notes = [kv_note]
+    return Plan(executor=executor, device="cuda", nodes=job.nodes, tasks_per_node=per_node,
+                trainers=list(range(trainer_gpus)), rollouts=list(range(trainer_gpus, total)),
+                gpu_type=job.gpu_type, gpus_per_node=per_node, tp=tp, tokens_per_micro_batch=tokens,
+                memory_table=table, notes=notes)
+
+
+def plan_shared_gpu(cfg: Config, shape: ModelShape, card: float, engine: memory.Estimate, executor: str) -> Plan:
+    """One GPU: a trainer process and an engine process share it, so their memory adds up."""
+    tokens = cfg.train.max_tokens_per_gpu or seq_len(cfg) * 8
+    while True:
+        est = trainer_estimate(cfg, shape, 1, tokens)
+        if est.gpu_total + engine.gpu_total <= card * 0.95:
+            break
+        if tokens // 2 < seq_len(cfg):
+            raise ConfigError(f"{shape.name} training and its engine do not fit one {card:.0f} GB GPU together: "
+                              f"{est.gpu_total:.0f} + {engine.gpu_total:.0f} GB; use 2 GPUs (the h100x2 preset) "
+                              "or lower rollout.max_num_seqs")
+        tokens //= 2
+    check_split(cfg, 1)
+    table = memory.format_estimates([est, engine], card, cfg.job.gpu_type)
+    return Plan(executor=executor, device="cuda", nodes=1, tasks_per_node=2, trainers=[0], rollouts=[1],
+                gpu_type=cfg.job.gpu_type, gpus_per_node=1, tp=1, tokens_per_micro_batch=tokens,
+                memory_table=table, notes=["trainer and engine share the GPU"])
+
+
+def seq_len(cfg: Config) -> int:
+    return cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
+
+
+MIN_ENGINE_SEQS = 16  # an engine whose KV cache holds fewer full sequences is not worth its GPUs
+
+
+def pick_tp(cfg: Config, shape: ModelShape, card: float) -> tuple[int, memory.Estimate, int]:
+    """The smallest tensor parallelism inside one node whose engine fits the card with room for its KV cache."""
+    r, per_node = cfg.rollout, cfg.job.gpus_per_node
+    options = [r.tensor_parallel] if r.tensor_parallel else [t for t in (1, 2, 4, 8, 16) if t <= per_node]
+    need = min(r.max_num_seqs, MIN_ENGINE_SEQS)
+    for tp in options:
+        if per_node % tp:
+            raise ConfigError(f"rollout.tensor_parallel={tp} must divide job.gpus_per_node={per_node}: "
+                              "an engine stays inside one node")
+        est, seqs = memory.rollout_memory(shape, tp=tp, card_gb=card, utilization=r.gpu_memory_utilization,
+                                          seq_len=seq_len(cfg), max_num_seqs=r.max_num_seqs)
+        if seqs >= need:
+            return tp, est, seqs
+    raise ConfigError(
+        f"an engine for {shape.name} does not fit one node of {per_node} x {card:.0f} GB at "
+        f"rollout.gpu_memory_utilization={r.gpu_memory_utilization}: at TP={tp} its KV cache holds {seqs} "
+        f"sequences of {seq_len(cfg)} tokens, fewer than {need}; use larger GPUs or shorter sequences")
+
+
+def trainer_estimate(cfg: Config, shape: ModelShape, gpus: int, tokens: int) -> memory.Estimate:
+    m = cfg.model
+    return memory.trainer_memory(
+        shape, gpus=gpus, tokens_per_micro_batch=tokens, lora_rank=m.lora_rank, param_offload=m.param_offload,
+        optimizer_offload=m.optimizer_offload, activation_checkpointing=m.activation_checkpointing,
+        reference=cfg.algo.kl_coef > 0, reference_offload=m.param_offload)
+
+
+def pick_trainers(cfg: Config, shape: ModelShape, card: float, total: int, tp: int, host_gb: float):
+    """Trainer GPUs (whole nodes when there are several), closest to the target share, that fit memory.
+
+    Returns (trainer GPUs, estimate, tokens per micro-batch, None) or (None, None, 0, why it does not fit).
+    """
+    job, per_node = cfg.job, cfg.job.gpus_per_node
+    if job.trainer_ranks:
+        candidates = [job.trainer_ranks]
+    elif job.nodes > 1:
+        candidates = [k * per_node for k in range(1, job.nodes)]
+    else:
+        candidates = list(range(1, per_node))
+    rows = cfg.data.prompts_per_step * cfg.rollout.n
+    candidates = [t for t in candidates if (total - t) >= tp and (total - t) % tp == 0 and t < total
+                  and rows % t == 0 and (rows // t) % cfg.train.mini_batches == 0]
+    if not candidates:
+        raise ConfigError(f"{total} GPUs leave no trainer pool that takes {rows} responses in "
+                          f"{cfg.train.mini_batches} mini-batch(es) beside engines of TP={tp}; "
+                          "set job.trainer_ranks, rollout.tensor_parallel or data.prompts_per_step")
+    # memory per GPU only falls as the pool grows: start at the target share and grow until it fits
+    target = total * job.trainer_fraction
+    start = next((i for i, t in enumerate(sorted(candidates)) if t >= target), len(candidates) - 1)
+    floor = seq_len(cfg)
+    for t in sorted(candidates)[start:]:
+        tokens = cfg.train.max_tokens_per_gpu or floor * 8
+        while tokens >= floor:
+            est = trainer_estimate(cfg, shape, t, tokens)
+            if fits(est, card, t, per_node, host_gb):
+                return t, est, tokens, None
+            tokens //= 2
+    biggest = max(candidates)
+    est = trainer_estimate(cfg, shape, biggest, floor)
+    state = shape.params * (16 if not cfg.model.lora_rank else 2) / 1e12
+    kind = "LoRA" if cfg.model.lora_rank else "full-parameter"
+    why = (f"{shape.name} {kind} training on {biggest} x {card:.0f} GB does not fit: "
+           f"{est.gpu_total:.0f} GB per GPU at {floor} tokens per micro-batch ("
+           f"~{state:.2f} TB of training state over {biggest} GPUs"
+           + (f", {est.host_total * min(biggest, per_node):.0f} GB offloaded per node of {host_gb:.0f} GB"
+              if host_gb and est.host else "") + ")")
+    hint = "turn on model.param_offload / model.optimizer_offload, use LoRA (model.lora_rank), or more GPUs"
+    if cfg.model.param_offload and cfg.model.optimizer_offload:
+        hint = "use LoRA (model.lora_rank, the h100x8-lora preset) or more GPUs (32, the h800x32 preset)"
+    return None, None, 0, f"{why}; {hint}"
+
+
+def fits(est: memory.Estimate, card: float, gpus: int, per_node: int, host_gb: float) -> bool:
+    host_ok = not host_gb or est.host_total * min(gpus, per_node) <= host_gb * 0.9
+    return est.gpu_total <= card * 0.95 and host_ok
+
+
+def choose_nodes(cfg: Config, cluster):
+    """Partition and nodes for the job from the live cluster; the skipped nodes with the reason."""
+    job = cfg.job
+    need_gpus = job.gpus_per_node if job.gpu_type else 0
+    parts = [cluster.partition(job.partition)] if job.partition else list(cluster.partitions)
+    if job.partition and parts[0] is None:
+        raise ConfigError(f"partition {job.partition!r} does not exist; partitions: "
+                          f"{', '.join(p.name for p in cluster.partitions)}")
+    reasons = []
+    for part in sorted(parts, key=lambda p: not p.default):
+        matching = [n for n in cluster.nodes_in(part.name)
+                    if not job.gpu_type or n.gpus.get(job.gpu_type, 0) >= need_gpus]
+        if job.gpu_type and not matching:
+            reasons.append(f"partition {part.name} has no node with gpu:{job.gpu_type}:{need_gpus}")
+            continue
+        if part.state != "up":
+            reasons.append(f"partition {part.name} is {part.state}")
+            continue
+        if len(matching) < job.nodes:
+            reasons.append(f"partition {part.name} has {len(matching)} node(s) with "
+                           + (f"gpu:{job.gpu_type}:{need_gpus}" if job.gpu_type else "its CPUs")
+                           + f", the job needs {job.nodes}")
+            continue
+        if part.timelimit_s is not None and part.timelimit_s < job.time_limit_min * 60:
+            reasons.append(f"partition {part.name} allows {part.timelimit_s // 60} min, the job asks "
+                           f"job.time_limit_min={job.time_limit_min}")
+            continue
+        ready = [n for n in matching if n.state.available]
+        skipped = [f"skipped node {n.name}: {n.state.reason()}" for n in matching if not n.state.available]
+        if len(ready) < job.nodes:
+            reasons.append(f"partition {part.name}: {len(ready)} of {len(matching)} matching nodes can start "
+                           f"now, the job needs {job.nodes} ({'; '.join(skipped)})")
+            continue
+        chosen = ready[:job.nodes]
+        host_gb = min(n.memory_mb for n in chosen) / 1024
+        return part.name, [n.name for n in chosen], host_gb, skipped
+    what = f"{job.nodes} node(s)" + (f" with gpu:{job.gpu_type}:{need_gpus}" if job.gpu_type else "")
+    raise ConfigError(f"no partition can take {what} now: " + "; ".join(reasons))
 
 
 def format_plan(cfg: Config, plan: Plan) -> str:
     d, r = cfg.data, cfg.rollout
+    where = f"{plan.executor}"
+    if plan.partition:
+        where += f", partition {plan.partition}"
+    if plan.nodelist:
+        where += f", nodes {','.join(plan.nodelist)}"
+    dev = f"{plan.gpus_per_node} x {plan.gpu_type} per node, nccl" if plan.device == "cuda" else "cpu, gloo"
     lines = [
         f"plan for preset {cfg.name!r}",
-        f"  executor   {plan.executor}: {plan.nodes} node(s) x {plan.tasks_per_node} task(s), {plan.device}, "
-        f"{'gloo' if plan.device == 'cpu' else 'nccl'}",
+        f"  executor   {where}: {plan.nodes} node(s) x {plan.tasks_per_node} task(s), {dev}",
         f"  trainer    ranks {fmt_ranks(plan.trainers)}: FSDP2 policy ({cfg.model.path})"
-        + (", frozen reference" if cfg.algo.kl_coef > 0 else ""),
-        f"  rollout    ranks {fmt_ranks(plan.rollouts)}: {r.engine} engine",
+        + (f", LoRA r={cfg.model.lora_rank}" if cfg.model.lora_rank else "")
+        + (", frozen reference" if cfg.algo.kl_coef > 0 and not cfg.model.lora_rank else "")
+        + (f", {plan.tokens_per_micro_batch} tokens per micro-batch" if plan.tokens_per_micro_batch else ""),
+        f"  rollout    ranks {fmt_ranks(plan.rollouts)}: {r.engine} engine"
+        + (f", {len(plan.rollouts) // plan.tp} engine(s) of TP={plan.tp} inside a node" if plan.device == "cuda"
+           else ""),
         f"  batch      {d.prompts_per_step} prompts x {r.n} samples, {r.max_new_tokens} new tokens, "
         f"{cfg.train.mini_batches} mini-batch(es), {cfg.train.steps} steps, task {d.task!r}",
     ]
+    if plan.memory_table:
+        lines.append(plan.memory_table)
     lines += [f"  note       {n}" for n in plan.notes]
     return "\n".join(lines)
 

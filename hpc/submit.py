@@ -15,7 +15,7 @@ from pathlib import Path
 
 from grpo import runlog
 from grpo.config import ConfigError, apply_overrides, to_dict, to_json
-from hpc.plan import Plan, format_plan, plan_job
+from hpc.plan import Plan, format_plan, plan_job, slurm_available
 from hpc.presets import PRESETS, get_preset
 
 
@@ -28,7 +28,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--preset", required=True, help=f"one of: {', '.join(sorted(PRESETS))}")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config field, e.g. --set train.steps=20 (repeatable)")
-    ap.add_argument("--dry-run", action="store_true", help="print the plan and exit; create and submit nothing")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the plan and the sbatch script and exit; create and submit nothing")
+    ap.add_argument("--cluster-file", metavar="FILE",
+                    help="plan against saved sinfo output instead of the live cluster (see hpc/cluster.py)")
     ap.add_argument("--no-follow", action="store_true", help="submit and exit without following progress")
     return ap.parse_args(argv)
 
@@ -37,23 +40,46 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = apply_overrides(get_preset(args.preset), args.overrides)
-        plan = plan_job(cfg)
-    except ConfigError as e:
+        cluster = read_cluster(cfg, args.cluster_file)
+        plan = plan_job(cfg, cluster)
+        if cluster is None and plan.executor == "slurm" and not args.dry_run:
+            raise ConfigError("no Slurm on this machine (sinfo/sbatch not found): run with --dry-run to see the "
+                              "plan, or on a login node of the cluster")
+    except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_plan(cfg, plan))
     if args.dry_run:
+        if plan.executor == "slurm":
+            print("sbatch script:")
+            print(render_sbatch(cfg, plan, Path(cfg.out_dir) / f"{cfg.name}-<time>"))
         print("dry run: nothing submitted")
         return 0
     run_dir = make_run_dir(cfg)
     (run_dir / runlog.CONFIG).write_text(to_json(cfg) + "\n")
     (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
     job = submit(cfg, plan, run_dir)
-    print(f"job {job.job_id} submitted; logs in {run_dir / 'logs'}")
+    print(f"job {job.job_id} submitted; rank 0 log: {job.paths.stdout}")
     if args.no_follow:
         print(f"run folder: {run_dir}")
         return 0
     return follow(job, run_dir, cfg.train.steps)
+
+
+def read_cluster(cfg, cluster_file: str | None):
+    """The cluster to plan against: a saved sinfo file, the live cluster, or None (nominal hardware)."""
+    if cluster_file:
+        from hpc.cluster import load_cluster_file
+
+        try:
+            return load_cluster_file(cluster_file)
+        except ValueError as e:
+            raise ConfigError(f"--cluster-file {cluster_file}: {e}") from None
+    if cfg.job.executor == "local" or not slurm_available():
+        return None
+    from hpc.cluster import discover
+
+    return discover()
 
 
 def make_run_dir(cfg) -> Path:
@@ -72,17 +98,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def slurm_parameters(cfg, plan: Plan) -> dict:
+    """submitit SlurmExecutor parameters: one task per GPU (or per CPU rank), typed GPU GRES."""
+    params = dict(
+        job_name=f"grpo-{cfg.name}",
+        nodes=plan.nodes,
+        ntasks_per_node=plan.tasks_per_node,
+        cpus_per_task=cfg.job.cpus_per_task,
+        time=cfg.job.time_limit_min,
+        signal_delay_s=120,
+        # a task that dies takes the whole job down instead of leaving the others waiting in a collective
+        srun_args=["--kill-on-bad-exit=1"],
+    )
+    if plan.partition:
+        params["partition"] = plan.partition
+    if plan.nodelist:
+        params["nodelist"] = ",".join(plan.nodelist)
+    if plan.device == "cuda":
+        params["gres"] = f"gpu:{plan.gpu_type}:{plan.gpus_per_node}"
+    return params
+
+
+def slurm_executor(cfg, plan: Plan, run_dir: Path):
+    import submitit
+
+    executor = submitit.SlurmExecutor(folder=run_dir / "logs" / "%j")
+    executor.update_parameters(**slurm_parameters(cfg, plan))
+    return executor
+
+
+def render_sbatch(cfg, plan: Plan, run_dir: Path) -> str:
+    """The exact script submitit hands to sbatch for this plan."""
+    executor = slurm_executor(cfg, plan, run_dir)
+    return executor._make_submission_file_text(executor._submitit_command_str, uid="<uid>")
+
+
 def submit(cfg, plan: Plan, run_dir: Path):
     import submitit
 
     from hpc.launch import RankJob
 
-    if plan.executor != "local":
-        raise ConfigError(f"executor {plan.executor!r} is not available yet")
-    executor = submitit.LocalExecutor(folder=run_dir / "logs" / "%j")
-    executor.update_parameters(tasks_per_node=plan.tasks_per_node, nodes=1,
-                               timeout_min=cfg.job.time_limit_min)
-    return executor.submit(RankJob(to_dict(cfg), plan.to_dict(), str(run_dir), master_port=free_port()))
+    if plan.executor == "slurm":
+        executor = slurm_executor(cfg, plan, run_dir)
+        port = None  # derived from the job id on every node
+    else:
+        executor = submitit.LocalExecutor(folder=run_dir / "logs" / "%j")
+        executor.update_parameters(tasks_per_node=plan.tasks_per_node, nodes=1, timeout_min=cfg.job.time_limit_min)
+        port = free_port()
+    return executor.submit(RankJob(to_dict(cfg), plan.to_dict(), str(run_dir), master_port=port))
 
 
 def follow(job, run_dir: Path, steps: int) -> int:

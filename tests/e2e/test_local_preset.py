@@ -64,3 +64,20 @@ def test_local_preset_learns(tmp_path):
     proc, run_dir = submit(tmp_path)
     _, first, last = first_last(run_dir)
     assert last >= first + 0.3, (first, last)
+
+
+def test_data_parallel_and_micro_batches_give_the_same_update(tmp_path):
+    """Two trainer ranks with token-budget micro-batches must compute what one rank does with the whole batch:
+    the loss normalisation (global token count x dp, FSDP2's gradient averaging) and the accumulation are right."""
+    keys = ("reward", "pg_loss", "kl", "entropy", "grad_norm", "clipfrac", "approx_kl")
+    runs = {}
+    for name, overrides in {"one rank": [], "two ranks, micro-batches": ["job.trainer_ranks=2",
+                                                                          "train.max_tokens_per_gpu=60"]}.items():
+        _, run_dir = submit(tmp_path / name.replace(" ", "_").replace(",", ""), "train.steps=3", *overrides)
+        rows, _, _ = first_last(run_dir)
+        runs[name] = [[r[k] for k in keys] for r in rows]
+    a, b = runs.values()
+    assert len(a) == len(b) == 3
+    for step_a, step_b in zip(a, b):
+        assert step_a == pytest.approx(step_b, rel=1e-4, abs=1e-6), (keys, step_a, step_b)
+    assert a[1][2] > 0  # the KL term is live from step 2 on, so it is compared too
