@@ -75,7 +75,9 @@ class TrainConfig:
     mini_batches: int = 1  # optimizer steps per rollout batch; must divide the rows of each trainer rank
     max_tokens_per_gpu: int = 0  # token budget of a micro-batch (0: one micro-batch per mini-batch)
     seed: int = 0
-    checkpoint_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 0  # 0: only at the end (and when the job is preempted or reaches its time limit)
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 3  # consecutive steps with a non-finite loss or grad norm before the run aborts
 
 
 @dataclass(kw_only=True)
@@ -93,6 +95,8 @@ class JobConfig:
     partition: Optional[str] = None
     time_limit_min: int = 30
     cpus_per_task: int = 1
+    signal_delay_s: int = 120  # Slurm sends USR2 this long before the time limit: save, then requeue
+    collective_timeout_s: int = 600  # a rank that stops answering ends the job after this long
 
 
 @dataclass(kw_only=True)

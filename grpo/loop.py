@@ -12,6 +12,7 @@ One step:
 from __future__ import annotations
 
 import random
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,18 +61,41 @@ def make_groups(roles: Roles) -> Groups:
     return Groups(ctrl, train, train_obj, sync)
 
 
-def run(cfg: Config, roles: Roles, run_dir: str) -> None:
+STOP_SIGNALS = {signal.SIGUSR2: "requeue", signal.SIGTERM: "stop"}
+_stop_request: list[str] = []
+
+
+def _on_signal(signum, frame) -> None:
+    _stop_request.append(STOP_SIGNALS[signal.Signals(signum)])
+
+
+def run(cfg: Config, roles: Roles, run_dir: str) -> str:
+    """Returns "done", or "requeue"/"stop" when a signal ended the run early (after a checkpoint).
+
+    Slurm sends USR2 before the time limit or on preemption (then the job should be requeued) and TERM when it
+    is cancelled or requeued by someone else; either way the ranks agree at the next step boundary, save, stop.
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _on_signal)
     rank = dist.get_rank()
     groups = make_groups(roles)
     device = torch.device(roles.device)
     if rank in roles.trainers:
-        Trainer(cfg, roles, groups, device, Path(run_dir)).run()
+        status = Trainer(cfg, roles, groups, device, Path(run_dir)).run()
     else:
-        rollout_worker(cfg, roles, groups, device)
+        status = rollout_worker(cfg, roles, groups, device)
     dist.barrier(group=groups.ctrl)
+    return status
 
 
-def rollout_worker(cfg: Config, roles: Roles, groups: Groups, device: torch.device) -> None:
+def agree_stop(group) -> str | None:
+    """Once per step on every rank: has any rank been asked to stop? (A tiny all-reduce on the gloo group.)"""
+    flag = torch.tensor([2 if "requeue" in _stop_request else 1 if _stop_request else 0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return {0: None, 1: "stop", 2: "requeue"}[int(flag)]
+
+
+def rollout_worker(cfg: Config, roles: Roles, groups: Groups, device: torch.device) -> str:
     tok = build_tokenizer()
     engine = NativeEngine(build_lm(cfg.model, cfg.train.seed).to(device), pad_id=tok.pad_token_id,
                           eos_id=tok.eos_token_id, max_new_tokens=cfg.rollout.max_new_tokens,
@@ -82,9 +106,12 @@ def rollout_worker(cfg: Config, roles: Roles, groups: Groups, device: torch.devi
     engine.load_weights(receiver.receive())
     index = roles.rollouts.index(dist.get_rank())
     while True:
+        stop = agree_stop(groups.ctrl)
+        if stop:
+            return stop
         msg = broadcast_obj(None, roles.trainers[0], groups.ctrl)
         if msg is None:
-            return
+            return "done"
         prompts, seed = msg
         mine = prompts[index::len(roles.rollouts)]
         out = engine.generate(mine, cfg.rollout.n, seed=seed * 1000 + index)
@@ -113,17 +140,46 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.policy.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: min(1.0, (s + 1) / t.warmup_steps) if t.warmup_steps else 1.0)
+        self.task = make_task(cfg.data.task)
+        self.tok = build_tokenizer()
+        self.rng = random.Random(cfg.train.seed)
+        self.start, self.bad_steps = 1, 0
+        last = checkpoint.latest(run_dir)
+        if last is not None:
+            self.restore(checkpoint.load(last, self.policy, self.opt, group=groups.train))
         named = hf_named_parameters(self.policy)
         self.sender = WeightSender(named, groups.sync, src=roles.trainers[0],
                                    bucket_bytes=cfg.rollout.sync_bucket_mb << 20)
         broadcast_obj(self.sender.specs if self.driver else None, roles.trainers[0], groups.ctrl)
         self.sender.send()
-        self.task = make_task(cfg.data.task)
-        self.tok = build_tokenizer()
-        self.rng = random.Random(cfg.train.seed)
 
-    def run(self) -> None:
-        for step in range(1, self.cfg.train.steps + 1):
+    def state(self) -> dict:
+        """What the driver adds to a checkpoint: enough to continue as if never interrupted."""
+        return {"sched": self.sched.state_dict(), "rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(),
+                "bad_steps": self.bad_steps}
+
+    def restore(self, state: dict) -> None:
+        self.sched.load_state_dict(state["sched"])
+        self.rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.bad_steps = state["bad_steps"]
+        self.start = state["step"] + 1
+        if self.driver:
+            runlog.truncate_metrics(self.run_dir, state["step"])
+            print(f"resumed from {checkpoint.step_dir(self.run_dir, state['step'])}", flush=True)
+
+    def save(self, step: int) -> None:
+        checkpoint.save(self.run_dir, step, self.policy, self.opt, self.state(), group=self.groups.train,
+                        is_leader=self.driver, keep=self.cfg.train.keep_checkpoints)
+
+    def run(self) -> str:
+        steps, every = self.cfg.train.steps, self.cfg.train.checkpoint_every
+        for step in range(self.start, steps + 1):
+            stop = agree_stop(self.groups.ctrl)
+            if stop:
+                if step - 1 >= self.start:  # else the checkpoint we resumed from is already the latest
+                    self.save(step - 1)
+                return stop
             t0 = time.perf_counter()
             batch, info = self.rollout(step)
             t1 = time.perf_counter()
@@ -136,14 +192,13 @@ class Trainer:
                        "lr": self.sched.get_last_lr()[0], "rollout_s": t1 - t0, "update_s": t2 - t1,
                        "sync_s": t3 - t2, "step_s": t3 - t0}
                 runlog.append_metrics(self.run_dir, row)
-            every = self.cfg.train.checkpoint_every
-            if step == self.cfg.train.steps or (every and step % every == 0):
-                checkpoint.save(self.run_dir, step, self.policy, self.opt, self.groups.train, self.driver)
+            if step == steps or (every and step % every == 0):
+                self.save(step)
+        agree_stop(self.groups.ctrl)  # the rollout ranks' last check, then the end message
+        broadcast_obj(None, self.roles.trainers[0], self.groups.ctrl)
         if self.driver:
-            broadcast_obj(None, self.rank, self.groups.ctrl)  # tells the rollout ranks to stop
             runlog.plot_rewards(self.run_dir)
-        else:
-            broadcast_obj(None, self.roles.trainers[0], self.groups.ctrl)
+        return "done"
 
     def rollout(self, step: int) -> tuple[Batch, dict]:
         """Driver: prompts out, completions back, rewards, advantages. Every trainer returns its rows."""
@@ -208,7 +263,7 @@ class Trainer:
         batch.old_logp = self.logprobs(self.policy, batch)
         if self.ref is not None:
             batch.ref_logp = self.logprobs(self.ref, batch)
-        sums: dict[str, torch.Tensor] = {}
+        sums: dict[str, torch.Tensor] = {"skipped_steps": torch.tensor(0.0)}
         add = lambda k, v: sums.__setitem__(k, sums.get(k, 0) + v.detach().float())
         size = len(batch) // cfg.train.mini_batches
         for start in range(0, len(batch), size):
@@ -244,7 +299,17 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.train.grad_clip)
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
-            self.opt.step()
+            # one host sync per optimizer step: the same verdict on every rank (the norm is global)
+            if torch.isfinite(grad_norm).item():
+                self.opt.step()
+                self.bad_steps = 0
+            else:
+                self.bad_steps += 1
+                add("skipped_steps", torch.tensor(1.0 / self.dp))
+                if self.bad_steps >= cfg.train.max_bad_steps:
+                    raise FloatingPointError(
+                        f"{self.bad_steps} optimizer steps in a row had a non-finite loss or grad norm; "
+                        "lower train.lr or check the data (train.max_bad_steps sets the limit)")
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
             add("grad_norm", grad_norm / self.dp)
@@ -253,7 +318,7 @@ class Trainer:
         stats = torch.stack([sums[k] for k in names])
         if self.dp > 1:
             dist.all_reduce(stats, group=self.groups.train)
-        stats[[i for i, k in enumerate(names) if k != "mismatch_abs"]] /= cfg.train.mini_batches
+        stats[[i for i, k in enumerate(names) if k not in ("mismatch_abs", "skipped_steps")]] /= cfg.train.mini_batches
         return dict(zip(names, stats))
 
 

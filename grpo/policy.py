@@ -244,6 +244,16 @@ def load_checkpoint_rows(named: Iterable[tuple[str, torch.Tensor]], ckpt: Checkp
                     local_of(p).copy_(piece[start:stop])
 
 
+def materialise(module: nn.Module, lm: nn.Module, device: torch.device) -> None:
+    """`to_empty` on `device` (garbage values, to be loaded). Module._apply gives a tied LM head its own tensor
+    (FSDP2's does not), so the tie is put back."""
+    module.to_empty(device=device)
+    if getattr(lm.config, "tie_word_embeddings", False):
+        out, emb = lm.get_output_embeddings(), lm.get_input_embeddings()
+        if out.weight is not emb.weight:
+            out.weight = emb.weight
+
+
 def reinit_buffers(lm: nn.Module, device: torch.device) -> None:
     """Recompute the non-persistent buffers that `to_empty` left as garbage (rotary `inv_freq`), on `device`."""
     for module in lm.modules():
@@ -350,7 +360,7 @@ def build_lm(cfg: ModelConfig, seed: int, *, device: torch.device | str = "cpu")
         lm = meta_lm(ckpt).to(dtype)
         if spec:
             inject_lora(lm, spec)
-        lm.to_empty(device=device)
+        materialise(lm, lm, torch.device(device))
         named = [(hf_name(n), p) for n, p in lm.named_parameters() if not is_adapter(n)]
         load_checkpoint_rows(named, ckpt, where=f"model.path={cfg.path!r}")
         reinit_buffers(lm, torch.device(device))
@@ -404,7 +414,7 @@ def build_policy(cfg: ModelConfig, mesh, *, seed: int, trainable: bool, device: 
         apply_fsdp(policy, mesh, param_dtype=getattr(torch, cfg.dtype), offload=offload,
                    checkpointing=cfg.activation_checkpointing and trainable)
     if ckpt is not None:
-        policy.to_empty(device=torch.device("cpu") if offload else device)
+        materialise(policy, lm, torch.device("cpu") if offload else device)
         named = [(hf_name(n), p) for n, p in policy.named_parameters() if not is_adapter(n)]
         load_checkpoint_rows(named, ckpt, where=f"model.path={cfg.path!r}")
         reinit_buffers(lm, device)

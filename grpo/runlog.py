@@ -31,6 +31,17 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
 
+def truncate_metrics(run_dir: str | os.PathLike, last_step: int) -> None:
+    """Drop rows after `last_step` (a resumed run redoes those steps), atomically."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return
+    rows = [r for r in read_metrics(run_dir) if r["step"] <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
 def reward_summary(rows: list[dict], window: int = 10) -> tuple[float, float]:
     """Mean reward of the first and of the last `window` steps."""
     rewards = [r["reward"] for r in rows]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -20,6 +22,7 @@ class RankEnv:
     master_addr: str
     master_port: int
     hostname: str
+    job_id: str
 
 
 def read_rank_env(master_port: int | None) -> RankEnv:
@@ -29,7 +32,8 @@ def read_rank_env(master_port: int | None) -> RankEnv:
     hosts = env.hostnames
     addr = "127.0.0.1" if env.cluster == "local" else hosts[0]
     port = master_port or 20000 + int(str(env.job_id).split("_")[0]) % 20000
-    return RankEnv(env.global_rank, env.local_rank, env.num_tasks, addr, port, socket.gethostname())
+    return RankEnv(env.global_rank, env.local_rank, env.num_tasks, addr, port, socket.gethostname(),
+                   str(env.job_id))
 
 
 @dataclass
@@ -40,7 +44,6 @@ class RankJob:
     plan: dict
     run_dir: str
     master_port: int | None = None
-    timeout_s: int = 600
 
     def __call__(self) -> dict:
         renv = read_rank_env(self.master_port)
@@ -60,11 +63,26 @@ class RankJob:
         dist.init_process_group(
             backend="gloo" if device == "cpu" else "nccl",
             init_method=f"tcp://{renv.master_addr}:{renv.master_port}",
-            rank=renv.rank, world_size=renv.world_size, timeout=timedelta(seconds=self.timeout_s),
+            rank=renv.rank, world_size=renv.world_size,
+            timeout=timedelta(seconds=cfg.job.collective_timeout_s),
         )
         try:
             roles = Roles(trainers=self.plan["trainers"], rollouts=self.plan["rollouts"], device=device)
-            run(cfg, roles, self.run_dir)
+            status = run(cfg, roles, self.run_dir)
         finally:
             dist.destroy_process_group()
-        return {"rank": renv.rank, "host": renv.hostname}
+        if status == "requeue" and self.plan["executor"] == "slurm":
+            requeue(renv)
+        return {"rank": renv.rank, "host": renv.hostname, "status": status}
+
+
+def requeue(renv: RankEnv) -> None:
+    """Put the job back in the queue; the new allocation resumes from the checkpoint just written.
+
+    Rank 0 asks Slurm; every rank then waits to be stopped by it (returning would mark the task finished).
+    """
+    job_id = renv.job_id.split("_")[0]
+    if renv.rank == 0:
+        subprocess.run(["scontrol", "requeue", job_id], check=True)
+    time.sleep(600)
+    raise SystemExit(f"job {job_id} was not requeued within 10 minutes")

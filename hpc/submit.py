@@ -1,4 +1,4 @@
-"""python -m hpc.submit --preset NAME [--dry-run] [--set key=value ...] [--no-follow]
+"""python -m hpc.submit --preset NAME [--dry-run] [--set key=value ...] [--run-dir DIR [--resume]] [--no-follow]
 
 Resolves the preset and overrides, prints the plan, creates the run folder, submits the job through submitit and
 follows rank 0's metrics with a progress bar. Bad input exits with code 2 before anything is created or submitted.
@@ -32,6 +32,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="print the plan and the sbatch script and exit; create and submit nothing")
     ap.add_argument("--cluster-file", metavar="FILE",
                     help="plan against saved sinfo output instead of the live cluster (see hpc/cluster.py)")
+    ap.add_argument("--run-dir", metavar="DIR",
+                    help="the run folder (default: a new <out_dir>/<name>-<time>); an existing one needs --resume")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run in --run-dir from its latest checkpoint; its config must match, except "
+                         "train.steps and job.* (more steps, other resources)")
     ap.add_argument("--no-follow", action="store_true", help="submit and exit without following progress")
     return ap.parse_args(argv)
 
@@ -40,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = apply_overrides(get_preset(args.preset), args.overrides)
+        check_run_dir(cfg, args.run_dir, args.resume)
         cluster = read_cluster(cfg, args.cluster_file)
         plan = plan_job(cfg, cluster)
         if cluster is None and plan.executor == "slurm" and not args.dry_run:
@@ -55,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             print(render_sbatch(cfg, plan, Path(cfg.out_dir) / f"{cfg.name}-<time>"))
         print("dry run: nothing submitted")
         return 0
-    run_dir = make_run_dir(cfg)
+    run_dir = Path(args.run_dir).resolve() if args.run_dir else make_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / runlog.CONFIG).write_text(to_json(cfg) + "\n")
     (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
     job = submit(cfg, plan, run_dir)
@@ -64,6 +71,39 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run folder: {run_dir}")
         return 0
     return follow(job, run_dir, cfg.train.steps)
+
+
+RESUMABLE_CHANGES = ("train.steps", "job.")
+
+
+def check_run_dir(cfg, run_dir: str | None, resume: bool) -> None:
+    """An existing run folder is only continued on --resume, and only with the config it was started with."""
+    if resume and not run_dir:
+        raise ConfigError("--resume needs --run-dir DIR (the run folder to continue)")
+    if not run_dir or not Path(run_dir).exists():
+        if resume:
+            raise ConfigError(f"--resume: run folder {run_dir} does not exist")
+        return
+    stored_path = Path(run_dir) / runlog.CONFIG
+    if not stored_path.is_file():
+        raise ConfigError(f"{run_dir} exists but is not a run folder (no {runlog.CONFIG}); choose another --run-dir")
+    stored = flatten(json.loads(stored_path.read_text()))
+    new = flatten(to_dict(cfg))
+    changed = sorted(k for k in set(stored) | set(new)
+                     if stored.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES))
+    if changed:
+        k = changed[0]
+        raise ConfigError(f"run folder {run_dir} holds a different config ({len(changed)} key(s) differ, e.g. "
+                          f"{k}: {stored.get(k)!r} there, {new.get(k)!r} now); use a new --run-dir")
+    if not resume:
+        raise ConfigError(f"run folder {run_dir} already exists: add --resume to continue it, or choose another")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def read_cluster(cfg, cluster_file: str | None):
@@ -106,7 +146,7 @@ def slurm_parameters(cfg, plan: Plan) -> dict:
         ntasks_per_node=plan.tasks_per_node,
         cpus_per_task=cfg.job.cpus_per_task,
         time=cfg.job.time_limit_min,
-        signal_delay_s=120,
+        signal_delay_s=cfg.job.signal_delay_s,
         # a task that dies takes the whole job down instead of leaving the others waiting in a collective
         srun_args=["--kill-on-bad-exit=1"],
     )

@@ -164,7 +164,7 @@ def _fwd_kernel(h_ptr, w_ptr, tgt_ptr, pm_ptr, ps_ptr, pa_ptr, tz_ptr, s_ptr,
     d = z - m[:, None]
     e = tl.exp(d)
     s = tl.sum(e, axis=1)
-    a = tl.sum(tl.where(col_ok[None, :], e * d, 0.0), axis=1)
+    a = tl.sum(e * tl.where(col_ok[None, :], d, 0.0), axis=1)
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
     zt = tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
     has_t = row_ok & (tgt >= pid_v * BV) & (tgt < pid_v * BV + BV)
@@ -203,6 +203,7 @@ def _merge_kernel(pm_ptr, ps_ptr, pa_ptr, tz_ptr, lse_ptr, logp_ptr, ent_ptr, n_
         scale = tl.where(ok, tl.exp(shift), 0.0)
         tot_s += tl.sum(scale * s, axis=1)
         tot_a += tl.sum(tl.where(ok, scale * (a + shift * s), 0.0), axis=1)
+    tot_s = tl.where(row_ok, tot_s, 1.0)
     log_s = tl.log(tot_s)
     lse = big_m + log_s
     tz = tl.load(tz_ptr + rows, mask=row_ok, other=0.0)
