@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from grpo.policy import (ADAPTER, CausalLMPolicy, adapter_named_parameters, gather_full, hf_name, is_adapter)
+from grpo.policy import (ADAPTER, CausalLMPolicy, adapter_named_parameters, gather_full, hf_name, is_adapter,
+                         sharded_named_parameters)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja")
@@ -33,7 +34,7 @@ def iter_full_state(policy: CausalLMPolicy, *, merge_lora: bool = True, dtype: t
     rank of the mesh (each rank must consume the whole iterator). With LoRA and `merge_lora`, adapted weights come
     merged (computed in float32, returned in the weight's dtype); without `merge_lora`, the base weights as loaded.
     The tensors are on the compute device; `dtype` casts them (None: the stored dtype)."""
-    params = dict(policy.named_parameters())
+    params = dict(sharded_named_parameters(policy))
     for name, p in params.items():
         if is_adapter(name):
             continue
@@ -49,7 +50,7 @@ def iter_full_state(policy: CausalLMPolicy, *, merge_lora: bool = True, dtype: t
 
 def _writer_and_group(policy: CausalLMPolicy):
     """(does this rank write, the mesh's process group or None when unsharded)."""
-    for p in policy.parameters():
+    for _, p in sharded_named_parameters(policy):
         if isinstance(p, DTensor):
             mesh = p.device_mesh
             return mesh.get_local_rank() == 0, mesh.get_group()
@@ -154,7 +155,7 @@ def write_config(policy: CausalLMPolicy, out: Path, dtype: torch.dtype | None) -
     lm = policy.lm
     lm.config.save_pretrained(str(out))
     if dtype is None:
-        dtype = next(p.dtype for n, p in policy.named_parameters() if not is_adapter(n))
+        dtype = next(p.dtype for n, p in sharded_named_parameters(policy) if not is_adapter(n))
     cfg_file = out / "config.json"
     data = json.loads(cfg_file.read_text())
     key = "torch_dtype" if "torch_dtype" in data and "dtype" not in data else "dtype"

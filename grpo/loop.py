@@ -11,7 +11,6 @@ One step:
 
 from __future__ import annotations
 
-import random
 import signal
 import time
 from dataclasses import dataclass
@@ -28,8 +27,7 @@ from grpo.config import Config
 from grpo.loss import agg_loss, kl_penalty, policy_loss
 from grpo.policy import build_lm, build_policy, hf_named_parameters
 from grpo.rollout import NativeEngine
-from grpo.tasks import make_task
-from grpo.tiny import build_tokenizer
+from grpo.prompts import load_tokenizer, make_source, special_ids
 from grpo.weight_sync import WeightReceiver, WeightSender
 
 
@@ -96,9 +94,9 @@ def agree_stop(group) -> str | None:
 
 
 def rollout_worker(cfg: Config, roles: Roles, groups: Groups, device: torch.device) -> str:
-    tok = build_tokenizer()
-    engine = NativeEngine(build_lm(cfg.model, cfg.train.seed).to(device), pad_id=tok.pad_token_id,
-                          eos_id=tok.eos_token_id, max_new_tokens=cfg.rollout.max_new_tokens,
+    pad_id, eos_id = special_ids(load_tokenizer(cfg))
+    engine = NativeEngine(build_lm(cfg.model, cfg.train.seed).to(device), pad_id=pad_id,
+                          eos_id=eos_id, max_new_tokens=cfg.rollout.max_new_tokens,
                           temperature=cfg.rollout.temperature)
     specs = broadcast_obj(None, roles.trainers[0], groups.ctrl)
     receiver = WeightReceiver(specs, groups.sync, src=roles.trainers[0],
@@ -140,9 +138,8 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.policy.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: min(1.0, (s + 1) / t.warmup_steps) if t.warmup_steps else 1.0)
-        self.task = make_task(cfg.data.task)
-        self.tok = build_tokenizer()
-        self.rng = random.Random(cfg.train.seed)
+        self.tok = load_tokenizer(cfg)
+        self.source = make_source(cfg, self.tok) if self.driver else None
         self.start, self.bad_steps = 1, 0
         last = checkpoint.latest(run_dir)
         if last is not None:
@@ -155,16 +152,16 @@ class Trainer:
 
     def state(self) -> dict:
         """What the driver adds to a checkpoint: enough to continue as if never interrupted."""
-        return {"sched": self.sched.state_dict(), "rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(),
-                "bad_steps": self.bad_steps}
+        return {"sched": self.sched.state_dict(), "data": self.source.state_dict(),
+                "torch_rng": torch.get_rng_state(), "bad_steps": self.bad_steps}
 
     def restore(self, state: dict) -> None:
         self.sched.load_state_dict(state["sched"])
-        self.rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
         self.bad_steps = state["bad_steps"]
         self.start = state["step"] + 1
         if self.driver:
+            self.source.load_state_dict(state["data"])
             runlog.truncate_metrics(self.run_dir, state["step"])
             print(f"resumed from {checkpoint.step_dir(self.run_dir, state['step'])}", flush=True)
 
@@ -205,17 +202,17 @@ class Trainer:
         cfg, groups, src = self.cfg, self.groups, self.roles.trainers[0]
         info = {}
         if self.driver:
-            prompts = [self.task.sample(self.rng) for _ in range(cfg.data.prompts_per_step)]
-            prompt_ids = [self.tok(p.text).input_ids for p in prompts]
+            items = self.source.next_batch()
+            prompt_ids = [x.prompt_ids for x in items]
             broadcast_obj((prompt_ids, step), src, groups.ctrl)
             gathered = [None] * dist.get_world_size()
             dist.gather_object(None, gathered, dst=src, group=groups.ctrl)
-            groups_out = reassemble([gathered[r] for r in self.roles.rollouts], len(prompts))
-            rewards = torch.tensor([self.task.reward(p, self.response_text(c))
-                                    for p, group in zip(prompts, groups_out) for c in group])
+            groups_out = reassemble([gathered[r] for r in self.roles.rollouts], len(items))
+            rewards = torch.tensor([x.score(self.source.response_text(c))
+                                    for x, group in zip(items, groups_out) for c in group], dtype=torch.float32)
             adv = group_advantage_ref(rewards, cfg.rollout.n, eps=cfg.algo.adv_eps,
                                       norm_by_std=cfg.algo.norm_adv_by_std, leave_one_out=cfg.algo.leave_one_out)
-            batch = make_batch(prompt_ids, groups_out, adv, pad_id=self.tok.pad_token_id)
+            batch = make_batch(prompt_ids, groups_out, adv, pad_id=special_ids(self.tok)[0])
             lengths = [len(c.token_ids) for group in groups_out for c in group]
             info = {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),
                     "response_len": sum(lengths) / len(lengths),
@@ -229,12 +226,6 @@ class Trainer:
         share = len(batch) // self.dp
         i = self.roles.trainers.index(self.rank)
         return batch.rows(i * share, (i + 1) * share).to(self.device), info
-
-    def response_text(self, c) -> str:
-        """The response as the reward sees it: every token but the closing EOS, special tokens included (a pad
-        or unknown token in the middle of an answer is a wrong word, not an invisible one)."""
-        ids = c.token_ids[:-1] if c.finish_reason == "stop" else c.token_ids
-        return self.tok.decode(ids, skip_special_tokens=False)
 
     @torch.no_grad()
     def logprobs(self, model, batch: Batch) -> torch.Tensor:

@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from kernels import fused_logprob_ref
@@ -76,7 +76,7 @@ class CausalLMPolicy(nn.Module):
     def adapters_disabled(self):
         """Inside the block the policy computes as its base model (the LoRA reference). A no-op without LoRA."""
         layers = lora_layers(self)
-        flags = [(p, p.requires_grad) for p in self.parameters()]
+        flags = [(p, p.requires_grad) for _, p in sharded_named_parameters(self)]
         # peft's switch also clears requires_grad; FSDP2 reads requires_grad at its lazy init (first forward) to pick
         # the gradient dtypes, so the flags are put back at once: only the forward switch `_disable_adapters` changes.
         for layer in layers:
@@ -433,16 +433,25 @@ def build_reference(cfg: ModelConfig, policy: CausalLMPolicy, mesh, *, seed: int
 
 # ----------------------------------------------------------------------------------------------- names for the loop
 
+def sharded_named_parameters(policy: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """`named_parameters()` with every FSDP2 group resharded first: after a forward without backward the root group
+    stays unsharded (FSDP2 keeps it for the backward), and its modules then hold compute-dtype full tensors."""
+    for module in policy.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return list(policy.named_parameters())
+
+
 def hf_named_parameters(policy: CausalLMPolicy) -> list[tuple[str, torch.Tensor]]:
     """Base-model parameters under their Hugging Face checkpoint names, in module order (the same on every rank).
     Adapters are left out (see `adapter_named_parameters`); a tied LM head appears once, as the embedding."""
-    return [(hf_name(name), p) for name, p in policy.named_parameters() if not is_adapter(name)]
+    return [(hf_name(name), p) for name, p in sharded_named_parameters(policy) if not is_adapter(name)]
 
 
 def adapter_named_parameters(policy: CausalLMPolicy) -> list[tuple[str, torch.Tensor]]:
     """LoRA adapter parameters under their peft adapter-file names
     (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`), in module order."""
-    return [(peft_name(name), p) for name, p in policy.named_parameters() if is_adapter(name)]
+    return [(peft_name(name), p) for name, p in sharded_named_parameters(policy) if is_adapter(name)]
 
 
 def sync_named_parameters(policy: CausalLMPolicy) -> list[tuple[str, torch.Tensor]]:
@@ -452,7 +461,7 @@ def sync_named_parameters(policy: CausalLMPolicy) -> list[tuple[str, torch.Tenso
 
 def trainable_parameters(policy: CausalLMPolicy) -> list[torch.Tensor]:
     """The parameters the optimizer owns: the adapters with LoRA, else all of them."""
-    return [p for p in policy.parameters() if p.requires_grad]
+    return [p for _, p in sharded_named_parameters(policy) if p.requires_grad]
 
 
 # ------------------------------------------------------------------------------------------------------ optimizer

@@ -1,7 +1,11 @@
 """Rollout engines. Every engine returns `Completion`s and takes new weights through `load_weights`.
 
-The native engine runs a Hugging Face causal LM with sampling; the vLLM engine (the `vllm` extra) comes later with
-the same interface.
+The native engine (here) generates with the Hugging Face model's own modules and weights, in plain PyTorch, the
+gpt-fast way: a preallocated static KV cache, one decode step of fixed shapes (captured in a CUDA graph on GPUs),
+sampling on the device with no host sync per token. It serves the CPU presets and the GPU tests; vLLM
+(`grpo.vllm_engine`) serves production. Architectures: the Llama family as transformers writes it (Llama, Qwen2,
+Qwen3, Mistral without sliding windows): `model.model.layers[i].{input_layernorm, self_attn.{q,k,v,o}_proj,
+post_attention_layernorm, mlp}`, `model.model.{embed_tokens, norm, rotary_emb}`, `model.lm_head`.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -19,59 +24,227 @@ class Completion:
     finish_reason: str  # "stop" (EOS) or "length"
 
 
-class NativeEngine:
-    """Sampling with transformers' `generate`; one batch holds every sample of every prompt."""
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
 
-    def __init__(self, model, *, pad_id: int, eos_id: int, max_new_tokens: int, temperature: float = 1.0):
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+class _Decoder:
+    """The model's forward over a static KV cache, reusing its modules (so `load_weights` needs no second copy)."""
+
+    def __init__(self, model):
+        cfg = model.config
+        self.model = model
+        self.layers = list(model.model.layers)
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
+            raise ValueError("the native engine has no sliding-window attention: set use_sliding_window=False")
+        self.scale = self.head_dim ** -0.5
+        self.rope_len = 0
+        self.cos = self.sin = None
+
+    def rope_tables(self, length: int, device, dtype) -> None:
+        """cos/sin for positions [0, length), from the model's own rotary module (its scaling included)."""
+        if length <= self.rope_len:
+            return
+        pos = torch.arange(length, device=device)[None]
+        probe = torch.zeros(1, length, self.head_dim, device=device, dtype=dtype)
+        cos, sin = self.model.model.rotary_emb(probe, pos)
+        self.cos, self.sin = cos[0].to(dtype), sin[0].to(dtype)  # [length, head_dim]
+        self.rope_len = length
+
+    def _qkv(self, layer, h, pos):
+        attn = layer.self_attn
+        x = layer.input_layernorm(h)
+        B, T, _ = x.shape
+        q = attn.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = attn.k_proj(x).view(B, T, self.num_kv, self.head_dim)
+        v = attn.v_proj(x).view(B, T, self.num_kv, self.head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # [B, 1, T, D]
+        q, k = _rope(q.transpose(1, 2), cos, sin), _rope(k.transpose(1, 2), cos, sin)
+        return q, k, v.transpose(1, 2)
+
+    def _finish_layer(self, layer, h, o):
+        B, T = h.shape[:2]
+        h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def _logits(self, h_last):
+        return self.model.lm_head(self.model.model.norm(h_last)).float()
+
+    def prefill(self, ids, pad, cache_k, cache_v):
+        """Prompts [B, W] (left padded by `pad` [B]) -> logits of the last column; fills cache columns [0, W)."""
+        B, W = ids.shape
+        cols = torch.arange(W, device=ids.device)
+        pos = (cols[None] - pad[:, None]).clamp(min=0)
+        # query i sees key j <= i inside its prompt; a padding query sees itself, so no row is empty (no NaN)
+        mask = (cols[None, :] <= cols[:, None])[None] & ((cols[None, None, :] >= pad[:, None, None])
+                                                          | (cols[None, :] == cols[:, None])[None])
+        mask = mask[:, None]  # [B, 1, W, W]
+        h = self.model.model.embed_tokens(ids)
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, h, pos)
+            cache_k[i, :, :, :W].copy_(k)
+            cache_v[i, :, :, :W].copy_(v)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                               enable_gqa=self.num_heads != self.num_kv)
+            h = self._finish_layer(layer, h, o)
+        return self._logits(h[:, -1])
+
+    def decode(self, tok, col, pad, cache_k, cache_v):
+        """One token per row at cache column `col` (a 0-dim device tensor): fixed shapes, no host sync."""
+        B, S = tok.shape[0], cache_k.shape[3]
+        keys = torch.arange(S, device=tok.device)
+        mask = (keys[None] >= pad[:, None]) & (keys[None] <= col)  # [B, S]
+        pos = (col - pad)[:, None]  # [B, 1]
+        groups = self.num_heads // self.num_kv
+        h = self.model.model.embed_tokens(tok[:, None])
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, h, pos)  # q [B, H, 1, D], k/v [B, KV, 1, D]
+            cache_k[i].index_copy_(2, col.view(1), k)
+            cache_v[i].index_copy_(2, col.view(1), v)
+            qg = q.view(B, self.num_kv, groups, self.head_dim)
+            scores = torch.matmul(qg, cache_k[i].transpose(-1, -2)).float() * self.scale  # [B, KV, G, S]
+            scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+            probs = torch.softmax(scores, dim=-1).to(cache_v.dtype)
+            o = torch.matmul(probs, cache_v[i]).view(B, self.num_heads, 1, self.head_dim)
+            h = self._finish_layer(layer, h, o)
+        return self._logits(h[:, -1])
+
+
+class NativeEngine:
+    """Batched sampling over a static KV cache; one batch holds every sample of every prompt.
+
+    temperature 0 is greedy decoding (its log-probs are those of the raw logits). `cuda_graphs` (default: on CUDA)
+    captures the decode step once per batch size and cache length and replays it. `check_every` is how many tokens
+    pass between the host checks of "every row finished" (the only host syncs of the decode loop).
+    """
+
+    def __init__(self, model, *, pad_id: int, eos_id: int, max_new_tokens: int, temperature: float = 1.0,
+                 cuda_graphs: bool | None = None, check_every: int = 32):
+        if max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens}: must be at least 1")
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature}: must be >= 0 (0 is greedy)")
         self.model = model.eval()
         self.pad_id, self.eos_id = pad_id, eos_id
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.check_every = check_every
+        self.decoder = _Decoder(model)
+        self._state = None  # (B, S) -> cache, static inputs, graph
+
+    def _alloc(self, rows: int, length: int) -> dict:
+        """The KV cache and the decode step's static inputs for `rows` x `length` (reused while they fit)."""
+        st = self._state
+        if st is not None and st["rows"] == rows and st["length"] >= length:
+            return st
+        length = -(-length // 128) * 128
+        d = self.decoder
+        shape = (len(d.layers), rows, d.num_kv, length, d.head_dim)
+        self._state = st = {
+            "rows": rows, "length": length, "graph": None,
+            # zeros, not empty: masked keys still meet V in the product, and 0 * NaN would be NaN
+            "k": torch.zeros(shape, dtype=self.dtype, device=self.device),
+            "v": torch.zeros(shape, dtype=self.dtype, device=self.device),
+            "tok": torch.zeros(rows, dtype=torch.long, device=self.device),
+            "col": torch.zeros((), dtype=torch.long, device=self.device),
+            "pad": torch.zeros(rows, dtype=torch.long, device=self.device),
+        }
+        d.rope_tables(length, self.device, self.dtype)
+        return st
+
+    def _step(self, st) -> torch.Tensor:
+        return self.decoder.decode(st["tok"], st["col"], st["pad"], st["k"], st["v"])
+
+    def _decode(self, st) -> torch.Tensor:
+        if not self.cuda_graphs:
+            return self._step(st)
+        if st["graph"] is None:
+            # warm up on a side stream, then capture; both write the same K/V the real step writes at `col`
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._step(st)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                st["logits"] = self._step(st)
+            st["graph"] = graph
+        st["graph"].replay()
+        return st["logits"]
+
+    def _sample(self, logits: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token and its log-prob per row: Gumbel-max through exponential noise, on the device."""
+        if self.temperature == 0:
+            logp = torch.log_softmax(logits, dim=-1)
+            tok = logits.argmax(dim=-1)
+        else:
+            logp = torch.log_softmax(logits / self.temperature, dim=-1)
+            noise = torch.empty_like(logp).exponential_(generator=gen)
+            tok = (logp - noise.log()).argmax(dim=-1)
+        return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, seed: int) -> list[list[Completion]]:
         """Sample `n` responses per prompt. Returns one list of `n` completions per prompt."""
         if not prompts:
             return []
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("the native engine got an empty prompt: every prompt needs at least one token")
         rows = [p for p in prompts for _ in range(n)]
         width = max(len(p) for p in rows)
+        steps = self.max_new_tokens
+        st = self._alloc(len(rows), width + steps)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
         for i, p in enumerate(rows):  # left padding: every row's next token is at the same column
             ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        torch.manual_seed(seed)
-        out = self.model.generate(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            do_sample=True,
-            temperature=self.temperature,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=self.max_new_tokens,
-            pad_token_id=self.pad_id,
-            eos_token_id=self.eos_id,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
-        new = out.sequences[:, width:].cpu()
-        logits = torch.stack(out.logits, dim=1).float().cpu()  # [rows, steps, V], raw (before temperature)
-        logp = torch.log_softmax(logits / self.temperature, dim=-1)
-        token_logp = logp.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        pad = torch.tensor([width - len(p) for p in rows], dtype=torch.long)
+        st["pad"].copy_(pad)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        out_tok = torch.full((len(rows), steps), self.pad_id, dtype=torch.long, device=self.device)
+        out_logp = torch.zeros((len(rows), steps), dtype=torch.float32, device=self.device)
+        done = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
+        logits = self.decoder.prefill(ids.to(self.device), st["pad"], st["k"], st["v"])
+        st["col"].fill_(width)
+        for t in range(steps):
+            tok, logp = self._sample(logits, gen)
+            tok = tok.masked_fill(done, self.pad_id)
+            out_tok[:, t] = tok
+            out_logp[:, t] = logp.masked_fill(done, 0.0)
+            done |= tok == self.eos_id
+            if t + 1 == steps or ((t + 1) % self.check_every == 0 and bool(done.all())):
+                break
+            st["tok"].copy_(tok)
+            logits = self._decode(st)
+            st["col"].add_(1)
+        return self._completions(out_tok.cpu(), out_logp.cpu(), len(prompts), n)
+
+    def _completions(self, toks: torch.Tensor, logps: torch.Tensor, num_prompts: int, n: int):
         results = []
-        for i in range(len(rows)):
-            toks = new[i].tolist()
-            if self.eos_id in toks:
-                end, reason = toks.index(self.eos_id) + 1, "stop"
+        for row_toks, row_logp in zip(toks.tolist(), logps.tolist()):
+            if self.eos_id in row_toks:
+                end, reason = row_toks.index(self.eos_id) + 1, "stop"
             else:
-                end, reason = len(toks), "length"
-            results.append(Completion(toks[:end], token_logp[i, :end].tolist(), reason))
-        return [results[i * n:(i + 1) * n] for i in range(len(prompts))]
+                end, reason = len(row_toks), "length"
+            results.append(Completion(row_toks[:end], row_logp[:end], reason))
+        return [results[i * n:(i + 1) * n] for i in range(num_prompts)]
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Copy named tensors (Hugging Face names) into the model; returns how many were loaded."""
+        """Copy named tensors (Hugging Face names) into the model, in place; returns how many were loaded."""
         params = dict(self.model.named_parameters())
         count = 0
         for name, tensor in weights:

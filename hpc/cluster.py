@@ -99,10 +99,10 @@ _HARMLESS = frozenset({"cloud", "dynamic_norm"})
 # (flag or state name, reason) in the order a reason is picked when several apply: first what takes a node out of
 # service, then "busy" for nodes running jobs, then what keeps an idle node from new jobs for a while
 _REASONS_OUT = (
-    ("fail", "failing"), ("down", "down"), ("not_responding", "not responding"), ("drain", None),
+    ("fail", "failing"), ("down", "down"), ("drain", None), ("not_responding", "not responding"),
     ("maint", "maintenance"), ("reboot_requested", "reboot pending"), ("reboot_issued", "rebooting"),
-    ("powering_down", "powering down"), ("power_down", "powering down"), ("powered_down", "powered down"),
-    ("powering_up", "powering up"),
+    ("powering_up", "powering up"), ("powering_down", "powering down"), ("powered_down", "powered down"),
+    ("power_down", "powering down"),
 )
 _REASONS_IDLE = (("reserved", "reserved"), ("planned", "planned"), ("completing", "completing"), ("perfctrs", "busy"))
 

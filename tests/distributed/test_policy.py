@@ -21,8 +21,8 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from grpo.config import ModelConfig
 from grpo.export import export_hf
 from grpo.policy import (AdaptersOff, adapter_named_parameters, build_lm, build_optimizer, build_policy,
-                         build_reference, hf_named_parameters, load_adapter_weights, sync_named_parameters,
-                         trainable_parameters)
+                         build_reference, hf_named_parameters, load_adapter_weights, sharded_named_parameters,
+                         sync_named_parameters, trainable_parameters)
 from grpo.rollout import NativeEngine
 from grpo.weight_sync import WeightReceiver, WeightSender
 
@@ -103,14 +103,16 @@ def trainer(rank, cfg, ckpt_dir, out_dir, train_pg, sync_pg, lora):
                    for n in adapters)
     else:
         assert len(params) == len(named)
-    before = {id(p): p.to_local().clone() for p in policy.parameters()}
+    before = {id(p): p.to_local().clone() for _, p in sharded_named_parameters(policy)}
     opt = build_optimizer(policy, cfg, lr=1e-2, weight_decay=0.0)
-    logp, _ = policy(ids, mask, loss_mask)
-    (-(logp * loss_mask).sum() / loss_mask.sum()).backward()
-    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-    assert torch.isfinite(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    opt.step()
-    for name, p in policy.named_parameters():
+    for _ in range(2):  # LoRA's A gets no gradient while B is still 0: the second step moves it
+        logp, _ = policy(ids, mask, loss_mask)
+        (-(logp * loss_mask).sum() / loss_mask.sum()).backward()
+        norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        assert torch.isfinite(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for name, p in sharded_named_parameters(policy):
         changed = not torch.equal(p.to_local(), before[id(p)])
         if p.to_local().numel():
             assert changed == p.requires_grad, f"{name}: changed={changed}, trainable={p.requires_grad}"
