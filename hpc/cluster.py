@@ -328,7 +328,7 @@ def parse_gres(text: str) -> dict[str | None, int]:
     if text.lower() in ("", "(null)", "n/a", "none"):
         return gpus
     for entry in _split_top(text, ",", "()"):
-        entry = re.sub(r"\(.*\)$", "", entry).strip()  # (S:0-1), (IDX:0,3), (IDX:N/A)
+        entry = re.sub(r"\([^()]*\)$", "", entry).strip()  # (S:0-1), (IDX:0,3), (IDX:N/A)
         if entry.startswith("gres/"):
             entry = entry[5:].replace("=", ":")
         parts = entry.split(":")
@@ -348,7 +348,8 @@ def parse_gres(text: str) -> dict[str | None, int]:
 
 def parse_timelimit(text: str) -> int | None:
     """Seconds in a Slurm time limit; None for infinite/UNLIMITED. Formats as in sbatch --time: `M`, `M:S`,
-    `H:M:S`, `D-H`, `D-H:M`, `D-H:M:S` (so `30:00` is 30 minutes, `5` is 5 minutes, `1-0` one day)."""
+    `H:M:S`, `D-H`, `D-H:M`, `D-H:M:S` (so `30:00` is 30 minutes, `5` is 5 minutes, `1-0` one day). Slurm keeps
+    limits in whole minutes and rounds seconds up (`0:30` -> 60), and so does this."""
     t = text.strip().lower()
     if t in ("infinite", "unlimited", "none", "n/a", "not_set"):
         return None
@@ -358,10 +359,12 @@ def parse_timelimit(text: str) -> int | None:
     days, a, b, c = m.groups()
     a, b, c = int(a), int(b or 0), int(c or 0)
     if days is not None:  # D-H, D-H:M, D-H:M:S
-        return int(days) * 86400 + a * 3600 + b * 60 + c
-    if m.group(4) is not None:  # H:M:S
-        return a * 3600 + b * 60 + c
-    return a * 60 + b  # M or M:S
+        seconds = int(days) * 86400 + a * 3600 + b * 60 + c
+    elif m.group(4) is not None:  # H:M:S
+        seconds = a * 3600 + b * 60 + c
+    else:  # M or M:S
+        seconds = a * 60 + b
+    return -(-seconds // 60) * 60
 
 
 # -------------------------------------------------------------------------------------- sinfo output
@@ -394,7 +397,9 @@ def parse_sinfo(text: str) -> Cluster:
     partitions: dict[str, dict] = {}
     nodes: dict[str, dict] = {}
     for lineno, line in enumerate(lines[1:], start=2):
-        cells = line.split(sep, len(names) - 1) if sep else line.split(None, len(names) - 1)
+        # only a last REASON column may hold the separator (an administrator's free text)
+        limit = len(names) - 1 if keys[-1] == "reason" else -1
+        cells = line.split(sep, limit) if sep else line.split(None, limit)
         if len(cells) != len(names):
             raise ClusterError(f"sinfo output line {lineno} has {len(cells)} columns, the header {len(names)}: "
                                f"{line[:80]!r}")

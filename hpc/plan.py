@@ -7,6 +7,7 @@ micro-batch token budget come from the memory model (hpc.memory).
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 
@@ -58,6 +59,8 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(f"{key}={value} must be at least 1")
     if cfg.job.trainer_ranks < (0 if cfg.job.gpu_type else 1):
         raise ConfigError(f"job.trainer_ranks={cfg.job.trainer_ranks} must be at least 1")
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.name):
+        raise ConfigError(f"name={cfg.name!r} may hold only letters, digits, '.', '_' and '-' (it names files)")
     if cfg.train.lr <= 0:
         raise ConfigError(f"train.lr={cfg.train.lr} must be positive")
     if cfg.rollout.temperature <= 0:
@@ -76,7 +79,8 @@ def check_split(cfg: Config, trainers: int) -> None:
     if rows % trainers or (rows // trainers) % cfg.train.mini_batches:
         raise ConfigError(
             f"{rows} responses per step (data.prompts_per_step x rollout.n) must split evenly over "
-            f"{trainers} trainer ranks and then over train.mini_batches={cfg.train.mini_batches}")
+            f"{trainers} trainer ranks (job.trainer_ranks) and then over train.mini_batches="
+            f"{cfg.train.mini_batches}")
 
 
 def plan_job(cfg: Config, cluster=None) -> Plan:
@@ -252,10 +256,10 @@ def choose_nodes(cfg: Config, cluster):
     """Partition and nodes for the job from the live cluster; the skipped nodes with the reason."""
     job = cfg.job
     need_gpus = job.gpus_per_node if job.gpu_type else 0
-    parts = [cluster.partition(job.partition)] if job.partition else list(cluster.partitions)
-    if job.partition and parts[0] is None:
-        raise ConfigError(f"partition {job.partition!r} does not exist; partitions: "
-                          f"{', '.join(p.name for p in cluster.partitions)}")
+    try:
+        parts = [cluster.partition(job.partition)] if job.partition else list(cluster.partitions)
+    except ValueError as e:  # hpc.cluster.ClusterError: names the partitions there are
+        raise ConfigError(f"job.partition: {e}") from None
     reasons = []
     for part in sorted(parts, key=lambda p: not p.default):
         matching = [n for n in cluster.nodes_in(part.name)

@@ -119,7 +119,10 @@ def read_cluster(cfg, cluster_file: str | None):
         return None
     from hpc.cluster import discover
 
-    return discover()
+    try:
+        return discover()
+    except ValueError as e:  # hpc.cluster.ClusterError: sinfo failed or said something unreadable
+        raise ConfigError(f"cannot read the cluster: {e}") from None
 
 
 def make_run_dir(cfg) -> Path:
@@ -149,6 +152,7 @@ def slurm_parameters(cfg, plan: Plan) -> dict:
         signal_delay_s=cfg.job.signal_delay_s,
         # a task that dies takes the whole job down instead of leaving the others waiting in a collective
         srun_args=["--kill-on-bad-exit=1"],
+        additional_parameters={"requeue": True},  # the time-limit and preemption path requeues the job
     )
     if plan.partition:
         params["partition"] = plan.partition

@@ -93,6 +93,8 @@ def check_lm_inputs(hidden, weight, targets, temperature, *, name):
 
 def row_chunks(n, rows):
     """Split range(n) into near-equal chunks of at most `rows` rows, each a multiple of 128 but the last."""
+    if n == 0:
+        return []
     count = max(1, triton.cdiv(n, rows))
     step = min(rows, triton.cdiv(triton.cdiv(n, count), 128) * 128)
     return [(r0, min(n, r0 + step)) for r0 in range(0, n, step)]

@@ -98,7 +98,7 @@ class _FusedGRPOLoss(torch.autograd.Function):
         d_weight = (torch.zeros_like(weight) if n == 0 else torch.empty_like(weight)) if need_w else None
         buf_dtype = torch.float16 if hidden.dtype == torch.bfloat16 else torch.float32
         rows = lm.chunk_rows(v, buf_dtype.itemsize) if grads else lm.FWD_ROWS
-        chunks = lm.row_chunks(n, rows) if n else []
+        chunks = lm.row_chunks(n, rows)
         buf = torch.empty(chunks[0][1], v, device=dev, dtype=buf_dtype) if grads and chunks else None
         inv_t = 1.0 / cfg["temperature"]
         has_ent = cfg["entropy_coef"] != 0

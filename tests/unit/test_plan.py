@@ -31,10 +31,9 @@ def test_plan_ranks(overrides, trainers, rollouts):
 
 
 def test_auto_executor_without_slurm_is_local_with_a_note():
-    plan = plan_job(_local())
+    plan = plan_job(_local("job.executor=auto"))
     assert plan.executor == "local" and any("no Slurm" in n for n in plan.notes)
     assert plan.to_dict()["trainers"] == [0]
-    assert plan_job(_local("job.executor=local")).notes == []
 
 
 @pytest.mark.parametrize("overrides, key", [
@@ -54,9 +53,7 @@ def test_auto_executor_without_slurm_is_local_with_a_note():
 def test_check_config_rejects(overrides, key):
     cfg = _local(*overrides)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        check_config(cfg)
-    with pytest.raises(ConfigError):
-        plan_job(cfg)
+        plan_job(cfg)  # check_config, or the split check once the ranks are known
 
 
 @pytest.mark.parametrize("overrides", [

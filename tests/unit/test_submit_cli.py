@@ -25,7 +25,7 @@ def _submit(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     (["--preset", "local", "--set", "train.steps=abc"], ["train.steps", "int"]),
     (["--preset", "local", "--set", "train.steps=0"], ["train.steps=0"]),
     (["--preset", "local", "--set", "foo"], ["'foo'", "key=value"]),
-    (["--preset", "local", "--set", "job.trainer_ranks=3"], ["job.trainer_ranks=3"]),
+    (["--preset", "local", "--set", "job.trainer_ranks=3"], ["3 trainer ranks", "job.trainer_ranks"]),
 ])
 def test_bad_input_exits_2_with_one_line_and_creates_nothing(tmp_path, args, words):
     p = _submit(tmp_path, *args)

@@ -1,0 +1,120 @@
+"""GPU planning: the seed presets on their nominal hardware and on a cluster with drained, busy and missing nodes."""
+
+import pytest
+
+from grpo.config import ConfigError, apply_overrides
+from hpc import memory
+from hpc.cluster import Cluster, Node, Partition, parse_node_state
+from hpc.models import CATALOGUE
+from hpc.plan import GPU_MEMORY_GB, plan_job
+from hpc.presets import get_preset
+
+
+def preset(name, *overrides):
+    return apply_overrides(get_preset(name), list(overrides))
+
+
+def node(name, state="idle", gpu="h800", count=8, partitions=("h800",), memory_mb=2_000_000):
+    return Node(name=name, state=parse_node_state(state), gpus={gpu: count} if gpu else {}, cpus=128,
+                memory_mb=memory_mb, partitions=partitions)
+
+
+def cluster(*nodes, state="up", timelimit_s=None):
+    parts = {}
+    for n in nodes:
+        for p in n.partitions:
+            parts.setdefault(p, []).append(n.name)
+    return Cluster(partitions=tuple(Partition(name=p, default=i == 0, state=state, timelimit_s=timelimit_s,
+                                              nodes=tuple(ns)) for i, (p, ns) in enumerate(parts.items())),
+                   nodes=tuple(nodes))
+
+
+@pytest.mark.parametrize("name", ["h800x32", "h20x32", "h100x8-lora", "h100x2", "h100x1"])
+def test_seed_presets_fit_their_nominal_hardware(name):
+    cfg = get_preset(name)
+    plan = plan_job(cfg)
+    per_node = cfg.job.gpus_per_node
+    assert plan.world_size == cfg.job.nodes * per_node or plan.world_size == 2
+    assert plan.trainers == list(range(len(plan.trainers))) and plan.rollouts[0] == len(plan.trainers)
+    # engines stay inside a node: TP divides the node and no engine straddles a node boundary
+    assert per_node % plan.tp == 0
+    if plan.world_size > 2:
+        assert len(plan.trainers) % plan.tp == 0 and len(plan.rollouts) % plan.tp == 0
+    assert plan.tokens_per_micro_batch >= cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
+    assert "total on GPU" in plan.memory_table
+
+
+def test_h800x32_trains_on_whole_nodes_and_keeps_tp_inside_a_node():
+    plan = plan_job(get_preset("h800x32"))
+    assert len(plan.trainers) % 8 == 0 and 8 <= len(plan.trainers) < 32
+    assert plan.tp <= 8  # the seed's TP=16 spans two nodes
+
+
+def test_72b_full_training_on_one_node_is_refused_with_what_would_fit():
+    with pytest.raises(ConfigError) as e:
+        plan_job(preset("h800x32", "job.nodes=1"))
+    msg = str(e.value)
+    assert "does not fit" in msg and "h100x8-lora" in msg and "TB" in msg
+
+
+def test_without_offload_72b_needs_more_than_32_gpus():
+    with pytest.raises(ConfigError, match="does not fit"):
+        plan_job(preset("h800x32", "model.param_offload=false", "model.optimizer_offload=false"))
+
+
+def test_micro_batch_budget_shrinks_to_fit():
+    big = plan_job(preset("h100x8-lora", "train.max_tokens_per_gpu=200000"))
+    assert big.tokens_per_micro_batch < 200000
+
+
+def test_memory_per_gpu_falls_with_more_trainer_gpus():
+    shape = CATALOGUE["Qwen2-72B"]
+    kw = dict(tokens_per_micro_batch=8192, lora_rank=0, param_offload=False, optimizer_offload=False,
+              activation_checkpointing=True, reference=True, reference_offload=False)
+    a, b = (memory.trainer_memory(shape, gpus=g, **kw) for g in (16, 32))
+    assert b.gpu_total < a.gpu_total
+    # fp32 params + grads + AdamW: 16 bytes per parameter, sharded
+    sharded = sum(v for k, v in a.gpu.items() if k.startswith(("parameters", "gradients", "AdamW")))
+    assert sharded == pytest.approx(16 * shape.params / 16 / 1e9)
+
+
+def test_lora_keeps_no_optimizer_state_for_the_base():
+    shape = CATALOGUE["Qwen2.5-72B"]
+    est = memory.trainer_memory(shape, gpus=4, tokens_per_micro_batch=4096, lora_rank=32, param_offload=False,
+                                optimizer_offload=False, activation_checkpointing=True, reference=True,
+                                reference_offload=False)
+    assert est.gpu["AdamW states (adapters)"] < 1 and "reference (bf16 shards)" not in est.gpu
+
+
+def test_drained_and_busy_nodes_are_skipped():
+    c = cluster(node("g1", "drained"), node("g2", "mixed"), *(node(f"g{i}") for i in range(3, 7)))
+    plan = plan_job(preset("h800x32"), c)
+    assert plan.partition == "h800" and plan.nodelist == ["g3", "g4", "g5", "g6"]
+    assert any("g1: drained" in n for n in plan.notes) and any("g2: busy" in n for n in plan.notes)
+
+
+@pytest.mark.parametrize("nodes,match", [
+    ([node(f"g{i}") for i in range(3)], "the job needs 4"),
+    ([node(f"g{i}", gpu="h100", partitions=("h100",)) for i in range(4)], "no node with gpu:h800:8"),
+    ([node("g0", "down*"), *(node(f"g{i}") for i in range(1, 4))], "g0: down"),
+])
+def test_impossible_requests_fail_before_submission(nodes, match):
+    with pytest.raises(ConfigError, match=match):
+        plan_job(preset("h800x32"), cluster(*nodes))
+
+
+def test_a_down_partition_and_an_unknown_partition_are_refused():
+    with pytest.raises(ConfigError, match="is down"):
+        plan_job(preset("h800x32"), cluster(*(node(f"g{i}") for i in range(4)), state="down"))
+    with pytest.raises(ConfigError, match="no partition 'gpu'"):
+        plan_job(preset("h800x32", "job.partition=gpu"), cluster(*(node(f"g{i}") for i in range(4))))
+
+
+def test_host_memory_of_the_nodes_is_checked():
+    small = cluster(*(node(f"g{i}", memory_mb=256 * 1024) for i in range(4)))
+    with pytest.raises(ConfigError, match="offloaded per node"):
+        plan_job(preset("h800x32"), small)
+
+
+def test_known_cards():
+    assert GPU_MEMORY_GB["h800"] == 80 and GPU_MEMORY_GB["h20"] == 96
