@@ -15,6 +15,7 @@ from pathlib import Path
 
 from grpo import runlog
 from grpo.config import ConfigError, apply_overrides, to_dict, to_json
+from hpc.checks import check_inputs
 from hpc.plan import Plan, format_plan, plan_job, slurm_available
 from hpc.presets import PRESETS, get_preset
 
@@ -46,11 +47,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = apply_overrides(get_preset(args.preset), args.overrides)
         check_run_dir(cfg, args.run_dir, args.resume)
-        cluster = read_cluster(cfg, args.cluster_file)
+        try:
+            cluster = read_cluster(cfg, args.cluster_file)
+        except ConfigError as e:
+            if not args.dry_run or args.cluster_file:
+                raise
+            cluster = None  # a dry run still shows the plan for the nominal hardware
+            print(f"warning: {e}", file=sys.stderr)
         plan = plan_job(cfg, cluster)
         if cluster is None and plan.executor == "slurm" and not args.dry_run:
             raise ConfigError("no Slurm on this machine (sinfo/sbatch not found): run with --dry-run to see the "
                               "plan, or on a login node of the cluster")
+        try:
+            plan.notes += check_inputs(cfg)
+        except ConfigError as e:
+            if not args.dry_run:
+                raise
+            plan.notes.append(f"a submission would be refused: {e}")
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,69 @@
+"""Checks of the run's inputs on the login node, before anything is submitted: the model folder and the dataset.
+
+A job that would die at start-up on a bad path or an unusable dataset is refused here with one line instead, after
+minutes in the queue. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from grpo.config import Config, ConfigError
+
+
+def check_model(cfg: Config) -> None:
+    """The model folder exists, is readable and holds a Qwen2-family config and safetensors weights."""
+    if cfg.model.path == "tiny":
+        return
+    path = Path(cfg.model.path).expanduser()
+    config = path / "config.json"
+    if not path.is_dir():
+        raise ConfigError(f"model.path={cfg.model.path!r} is not a folder here; point it at a Hugging Face "
+                          "checkpoint folder (config.json + *.safetensors) that every node can read")
+    try:
+        arch = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.path={cfg.model.path!r}: cannot read config.json ({e.__class__.__name__}: "
+                          f"{e})") from None
+    if arch not in ("qwen2", "qwen2_5"):
+        raise ConfigError(f"model.path={cfg.model.path!r} holds a {arch!r} model; this trainer supports the "
+                          "Qwen2 family (model_type qwen2)")
+    if not any(path.glob("*.safetensors")):
+        raise ConfigError(f"model.path={cfg.model.path!r} has no *.safetensors weights")
+
+
+def check_dataset(cfg: Config, tokenizer=None) -> str | None:
+    """The dataset is readable, has verl's columns, and some prompts fit data.max_prompt_len (needs the tokenizer;
+    without one only the columns are checked). Returns the loader's report line."""
+    if cfg.data.task != "dataset":
+        return None
+    from grpo.data import load_prompts, read_dataset
+
+    path = Path(cfg.data.train_path).expanduser()
+    try:
+        if tokenizer is None:
+            columns, _ = read_dataset(path)
+            missing = [c for c in ("prompt", "reward_model") if c not in columns]
+            if missing:
+                raise ValueError(f"dataset {path} has no column {missing[0]!r} (columns: {', '.join(columns)}); "
+                                 "expected verl's layout: run python -m grpo.preprocess")
+            return None
+        return load_prompts(path, tokenizer=tokenizer, max_prompt_len=cfg.data.max_prompt_len).report
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.train_path: {e}") from None
+
+
+def check_inputs(cfg: Config) -> list[str]:
+    """Every check that can run here; returns lines worth printing with the plan."""
+    check_model(cfg)
+    tokenizer = None
+    if cfg.data.task == "dataset" and cfg.model.path != "tiny":
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(Path(cfg.model.path).expanduser()))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.path={cfg.model.path!r}: cannot load its tokenizer ({e})") from None
+    report = check_dataset(cfg, tokenizer)
+    return [report] if report else []
