@@ -74,6 +74,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     mini_batches: int = 1  # optimizer steps per rollout batch; must divide the rows of each trainer rank
     max_tokens_per_gpu: int = 0  # token budget of a micro-batch (0: one micro-batch per mini-batch)
+    defer_grad_sync: bool = False  # reduce-scatter once per mini-batch: less traffic, unsharded grads held
+    export_hf: bool = True  # write the trained policy as a Hugging Face folder (run_dir/hf) at the end
     seed: int = 0
     checkpoint_every: int = 0  # 0: only at the end (and when the job is preempted or reaches its time limit)
     keep_checkpoints: int = 2

@@ -11,7 +11,6 @@ One step:
 
 from __future__ import annotations
 
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +20,15 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from kernels import group_advantage_ref
-from grpo import checkpoint, runlog
+from grpo import checkpoint, runlog, stop
 from grpo.batch import Batch, make_batch, split_by_tokens
 from grpo.config import Config
+from grpo.export import export_hf
 from grpo.loss import agg_loss, kl_penalty, policy_loss
-from grpo.policy import build_lm, build_policy, hf_named_parameters
+from grpo.policy import (build_lm, build_optimizer, build_policy, build_reference, load_adapter_weights,
+                         sync_named_parameters)
 from grpo.rollout import NativeEngine
+from grpo.tiny import save_tokenizer
 from grpo.prompts import load_tokenizer, make_source, special_ids
 from grpo.weight_sync import WeightReceiver, WeightSender
 
@@ -59,22 +61,14 @@ def make_groups(roles: Roles) -> Groups:
     return Groups(ctrl, train, train_obj, sync)
 
 
-STOP_SIGNALS = {signal.SIGUSR2: "requeue", signal.SIGTERM: "stop"}
-_stop_request: list[str] = []
-
-
-def _on_signal(signum, frame) -> None:
-    _stop_request.append(STOP_SIGNALS[signal.Signals(signum)])
-
-
-def run(cfg: Config, roles: Roles, run_dir: str) -> str:
+def run(cfg: Config, roles: Roles, run_dir: str, *, deadline: float | None = None) -> str:
     """Returns "done", or "requeue"/"stop" when a signal ended the run early (after a checkpoint).
 
     Slurm sends USR2 before the time limit or on preemption (then the job should be requeued) and TERM when it
     is cancelled or requeued by someone else; either way the ranks agree at the next step boundary, save, stop.
     """
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, _on_signal)
+    stop.install()
+    stop.set_deadline(deadline)
     rank = dist.get_rank()
     groups = make_groups(roles)
     device = torch.device(roles.device)
@@ -88,25 +82,27 @@ def run(cfg: Config, roles: Roles, run_dir: str) -> str:
 
 def agree_stop(group) -> str | None:
     """Once per step on every rank: has any rank been asked to stop? (A tiny all-reduce on the gloo group.)"""
-    flag = torch.tensor([2 if "requeue" in _stop_request else 1 if _stop_request else 0])
+    flag = torch.tensor([{None: 0, "stop": 1, "requeue": 2}[stop.requested()]])
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return {0: None, 1: "stop", 2: "requeue"}[int(flag)]
 
 
 def rollout_worker(cfg: Config, roles: Roles, groups: Groups, device: torch.device) -> str:
     pad_id, eos_id = special_ids(load_tokenizer(cfg))
-    engine = NativeEngine(build_lm(cfg.model, cfg.train.seed).to(device), pad_id=pad_id,
+    engine = NativeEngine(build_lm(cfg.model, cfg.train.seed, device=device), pad_id=pad_id,
                           eos_id=eos_id, max_new_tokens=cfg.rollout.max_new_tokens,
                           temperature=cfg.rollout.temperature)
     specs = broadcast_obj(None, roles.trainers[0], groups.ctrl)
     receiver = WeightReceiver(specs, groups.sync, src=roles.trainers[0],
                               bucket_bytes=cfg.rollout.sync_bucket_mb << 20, device=device)
-    engine.load_weights(receiver.receive())
+    # full fine-tuning sends every weight; LoRA sends the adapters (the base was loaded from the same checkpoint)
+    load = (lambda w: load_adapter_weights(engine.model, w)) if cfg.model.lora_rank else engine.load_weights
+    load(receiver.receive())
     index = roles.rollouts.index(dist.get_rank())
     while True:
-        stop = agree_stop(groups.ctrl)
-        if stop:
-            return stop
+        halt = agree_stop(groups.ctrl)
+        if halt:
+            return halt
         msg = broadcast_obj(None, roles.trainers[0], groups.ctrl)
         if msg is None:
             return "done"
@@ -114,7 +110,7 @@ def rollout_worker(cfg: Config, roles: Roles, groups: Groups, device: torch.devi
         mine = prompts[index::len(roles.rollouts)]
         out = engine.generate(mine, cfg.rollout.n, seed=seed * 1000 + index)
         dist.gather_object(out, None, dst=roles.trainers[0], group=groups.ctrl)
-        engine.load_weights(receiver.receive())
+        load(receiver.receive())
 
 
 def broadcast_obj(obj, src: int, group):
@@ -130,12 +126,12 @@ class Trainer:
         self.driver = self.rank == roles.trainers[0]
         self.dp = len(roles.trainers)
         mesh = DeviceMesh.from_group(groups.train, device_type=device.type)
-        self.policy = build_policy(cfg.model, mesh, seed=cfg.train.seed, trainable=True, device=device)
+        seed, t = cfg.train.seed, cfg.train
+        self.policy = build_policy(cfg.model, mesh, seed=seed, trainable=True, device=device)
         self.ref = None
-        if cfg.algo.kl_coef > 0:
-            self.ref = build_policy(cfg.model, mesh, seed=cfg.train.seed, trainable=False, device=device)
-        t = cfg.train
-        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        if cfg.algo.kl_coef > 0:  # LoRA: the same model with its adapters off, no second copy
+            self.ref = build_reference(cfg.model, self.policy, mesh, seed=seed, device=device)
+        self.opt = build_optimizer(self.policy, cfg.model, lr=t.lr, weight_decay=t.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: min(1.0, (s + 1) / t.warmup_steps) if t.warmup_steps else 1.0)
         self.tok = load_tokenizer(cfg)
@@ -144,15 +140,15 @@ class Trainer:
         last = checkpoint.latest(run_dir)
         if last is not None:
             self.restore(checkpoint.load(last, self.policy, self.opt, group=groups.train))
-        named = hf_named_parameters(self.policy)
-        self.sender = WeightSender(named, groups.sync, src=roles.trainers[0],
-                                   bucket_bytes=cfg.rollout.sync_bucket_mb << 20)
+        self.sender = WeightSender(sync_named_parameters(self.policy), groups.sync, src=roles.trainers[0],
+                                   bucket_bytes=cfg.rollout.sync_bucket_mb << 20,
+                                   dtype=getattr(torch, cfg.model.dtype), device=device)
         broadcast_obj(self.sender.specs if self.driver else None, roles.trainers[0], groups.ctrl)
         self.sender.send()
 
     def state(self) -> dict:
         """What the driver adds to a checkpoint: enough to continue as if never interrupted."""
-        return {"sched": self.sched.state_dict(), "data": self.source.state_dict(),
+        return {"sched": self.sched.state_dict(), "data": self.source.state_dict() if self.driver else None,
                 "torch_rng": torch.get_rng_state(), "bad_steps": self.bad_steps}
 
     def restore(self, state: dict) -> None:
@@ -172,11 +168,11 @@ class Trainer:
     def run(self) -> str:
         steps, every = self.cfg.train.steps, self.cfg.train.checkpoint_every
         for step in range(self.start, steps + 1):
-            stop = agree_stop(self.groups.ctrl)
-            if stop:
+            halt = agree_stop(self.groups.ctrl)
+            if halt:
                 if step - 1 >= self.start:  # else the checkpoint we resumed from is already the latest
                     self.save(step - 1)
-                return stop
+                return halt
             t0 = time.perf_counter()
             batch, info = self.rollout(step)
             t1 = time.perf_counter()
@@ -193,9 +189,19 @@ class Trainer:
                 self.save(step)
         agree_stop(self.groups.ctrl)  # the rollout ranks' last check, then the end message
         broadcast_obj(None, self.roles.trainers[0], self.groups.ctrl)
+        if self.cfg.train.export_hf:
+            self.export()
         if self.driver:
             runlog.plot_rewards(self.run_dir)
         return "done"
+
+    def export(self) -> None:
+        """The trained policy as a Hugging Face folder (LoRA merged), with the tokenizer: what users load next."""
+        out = export_hf(self.policy, self.run_dir / "hf", dtype=getattr(torch, self.cfg.model.dtype))
+        if self.driver and self.cfg.model.path == "tiny":
+            save_tokenizer(self.tok, out)
+        elif self.driver:
+            self.tok.save_pretrained(out)
 
     def rollout(self, step: int) -> tuple[Batch, dict]:
         """Driver: prompts out, completions back, rewards, advantages. Every trainer returns its rows."""
@@ -268,7 +274,8 @@ class Trainer:
             for j, idx in enumerate(micro):
                 empty = len(idx) == 0
                 mb = mini.rows(0, 1) if empty else mini.select(idx).trim()
-                self.policy.set_requires_gradient_sync(j == len(micro) - 1)
+                # deferring the reduce-scatter to the last micro-batch saves traffic but holds unsharded gradients
+                self.policy.set_requires_gradient_sync(j == len(micro) - 1 or not cfg.train.defer_grad_sync)
                 logp, entropy = self.policy(mb.input_ids, mb.attention_mask, mb.loss_mask,
                                             temperature=cfg.rollout.temperature)
                 old = mb.old_logp[:, :logp.shape[1]]

@@ -76,7 +76,7 @@ class CausalLMPolicy(nn.Module):
     def adapters_disabled(self):
         """Inside the block the policy computes as its base model (the LoRA reference). A no-op without LoRA."""
         layers = lora_layers(self)
-        flags = [(p, p.requires_grad) for _, p in sharded_named_parameters(self)]
+        flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
         # peft's switch also clears requires_grad; FSDP2 reads requires_grad at its lazy init (first forward) to pick
         # the gradient dtypes, so the flags are put back at once: only the forward switch `_disable_adapters` changes.
         for layer in layers:
@@ -369,19 +369,22 @@ def build_lm(cfg: ModelConfig, seed: int, *, device: torch.device | str = "cpu")
     return lm.to(device)
 
 
-def apply_fsdp(policy: CausalLMPolicy, mesh, *, param_dtype: torch.dtype, offload: bool = False,
-               checkpointing: bool = False) -> CausalLMPolicy:
-    """Activation checkpointing (optional) and FSDP2: one group per transformer block, then the root (embeddings,
-    norm, LM head). bf16 (or `param_dtype`) compute, float32 gradient reduction; `offload` keeps the shards, their
-    gradients and so the optimizer step on the host (FSDP2 CPUOffloadPolicy)."""
+def apply_checkpointing(policy: CausalLMPolicy) -> None:
+    """Activation checkpointing per transformer block: only block inputs are kept, the rest is recomputed in the
+    backward. The composable API keeps parameter names (a wrapper module would add `_checkpoint_wrapped_module.`)."""
+    from torch.distributed._composable import checkpoint
+
+    for block in policy.lm.model.layers:
+        checkpoint(block)
+
+
+def apply_fsdp(policy: CausalLMPolicy, mesh, *, param_dtype: torch.dtype, offload: bool = False) -> CausalLMPolicy:
+    """FSDP2: one group per transformer block, then the root (embeddings, norm, LM head). `param_dtype` compute,
+    float32 gradient reduction; `offload` keeps the shards, their gradients and so the optimizer step on the host
+    (FSDP2 CPUOffloadPolicy)."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     extra = {"offload_policy": CPUOffloadPolicy(pin_memory=True)} if offload else {}
     for block in policy.lm.model.layers:
-        if checkpointing:
-            # the composable API keeps parameter names (a wrapper module would add `_checkpoint_wrapped_module.`)
-            from torch.distributed._composable import checkpoint
-
-            checkpoint(block)
         fully_shard(block, mesh=mesh, mp_policy=mp, **extra)
     fully_shard(policy, mesh=mesh, mp_policy=mp, **extra)
     return policy
@@ -410,9 +413,10 @@ def build_policy(cfg: ModelConfig, mesh, *, seed: int, trainable: bool, device: 
         policy.requires_grad_(False).eval()
     if ckpt is None:
         policy.to(device)
+    if cfg.activation_checkpointing and trainable:
+        apply_checkpointing(policy)
     if mesh is not None:
-        apply_fsdp(policy, mesh, param_dtype=getattr(torch, cfg.dtype), offload=offload,
-                   checkpointing=cfg.activation_checkpointing and trainable)
+        apply_fsdp(policy, mesh, param_dtype=getattr(torch, cfg.dtype), offload=offload)
     if ckpt is not None:
         materialise(policy, lm, torch.device("cpu") if offload else device)
         named = [(hf_name(n), p) for n, p in policy.named_parameters() if not is_adapter(n)]
@@ -485,9 +489,10 @@ def _state_tensors(opt: torch.optim.Optimizer) -> Iterator[tuple[dict, str, torc
 
 
 def _with_local(t: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """`t` with `local` as its local tensor, wherever `local` lives. (DTensor.from_local would move a host tensor
+    back to the mesh's device; FSDP2 builds its host-resident shards with this same constructor.)"""
     if isinstance(t, DTensor):
-        return DTensor.from_local(local, t.device_mesh, t.placements, run_check=False, shape=t.shape,
-                                  stride=t.stride())
+        return DTensor(local, t._spec, requires_grad=False)
     return local
 
 

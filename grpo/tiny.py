@@ -5,6 +5,9 @@ Nothing is downloaded: the tokenizer's vocabulary is listed here and the weights
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -22,6 +25,16 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
     )
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, path) -> None:
+    """Save so that AutoTokenizer loads it back as this word-level tokenizer (beside a Qwen2 config.json it would
+    otherwise pick Qwen2's byte-level class and drop the words)."""
+    tokenizer.save_pretrained(path)
+    config = Path(path) / "tokenizer_config.json"
+    data = json.loads(config.read_text())
+    data["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config.write_text(json.dumps(data, indent=2))
 
 
 def tiny_config(vocab_size: int = len(VOCAB)) -> Qwen2Config:

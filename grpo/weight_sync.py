@@ -18,8 +18,8 @@ trainer group's communicator) runs while bucket k is on the wire (on the sync gr
 refilled only after its previous broadcast finished. With NCCL every wait is a stream wait, not a host sync. Receivers
 keep two receives posted the same way, so the copy of bucket k into the engine overlaps the arrival of bucket k+1.
 
-Memory while a sync runs: `src` holds 2 buckets, every other trainer rank 2 buckets / trainer ranks, every receiver
-2 buckets.
+Memory while a sync runs (a bucket here is the largest one: a tensor bigger than `bucket_bytes` gets its own): `src`
+holds 2 buckets, every other trainer rank 2 buckets / trainer ranks, every receiver 2 buckets.
 """
 
 from __future__ import annotations
@@ -161,14 +161,15 @@ class WeightSender:
 
     def __init__(self, named_params: list[tuple[str, torch.Tensor]], group, *, src: int,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: torch.dtype | None = None,
-                 include: Callable[[str], bool] | None = None):
+                 include: Callable[[str], bool] | None = None, device: torch.device | None = None):
         named_params = [(n, p) for n, p in named_params if include is None or include(n)]
         if not named_params:
             raise ValueError("weight sync has no tensors to send: the include filter matched no parameter name")
         self.specs = [spec_of(name, p, dtype) for name, p in named_params]
         self.buckets = plan_buckets(self.specs, bucket_bytes)
         self.group, self.src = group, src
-        self.rank = dist.get_rank()
+        self.device = device  # where buckets live; parameters offloaded to the host are copied there
+        self.rank = dist.get_rank() if dist.is_initialized() else src  # a lone trainer process needs no job group
         self.is_src = self.rank == src
         params = dict(named_params)
         self.train_group = None
@@ -215,7 +216,7 @@ class WeightSender:
             ops, keep = [], []
             buf = None
             if self.is_src:
-                device = device or _device_of(row[0].param)
+                device = device or self.device or _device_of(row[0].param)
                 if bufs[slot] is None or bufs[slot].numel() < size:
                     bufs[slot] = torch.empty(max(size, _max_bucket(self.buckets)), dtype=torch.uint8, device=device)
                 buf = bufs[slot][:size]
@@ -246,6 +247,8 @@ class WeightSender:
         spec = item.spec
         row_bytes = spec.nbytes // spec.shape[0]
         local = item.param.to_local()
+        if self.device is not None:
+            local = local.to(self.device, non_blocking=True)
         ops = []
         if self.is_src:
             full = _view(buf, spec)

@@ -213,12 +213,16 @@ class Partition:
 
 @dataclass(frozen=True)
 class Cluster:
+    """Partitions (in slurm.conf's order) and nodes (each once, with every partition it is in)."""
+
     partitions: tuple[Partition, ...]
     nodes: tuple[Node, ...]
     _by_name: dict = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "_by_name", {n.name: n for n in self.nodes})
+        missing = {n for p in self.partitions for n in p.nodes} - self._by_name.keys()
+        assert not missing, f"partitions list nodes that are not in Cluster.nodes: {sorted(missing)}"
 
     def partition(self, name: str) -> Partition:
         """The partition called `name`; ClusterError naming the partitions there are if there is none."""

@@ -46,6 +46,9 @@ class RankJob:
     master_port: int | None = None
 
     def __call__(self) -> dict:
+        from grpo import stop
+
+        stop.install()  # before the slow imports: a signal now is remembered, not fatal
         renv = read_rank_env(self.master_port)
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         import torch
@@ -66,23 +69,46 @@ class RankJob:
             rank=renv.rank, world_size=renv.world_size,
             timeout=timedelta(seconds=cfg.job.collective_timeout_s),
         )
+        deadline = None
+        if renv.rank == 0:  # the driver watches the clock too: Slurm sends its warning once per job, not per start
+            slurm_job = renv.job_id if self.plan["executor"] == "slurm" else None
+            deadline = time.time() + time_left(slurm_job, cfg.job.time_limit_min * 60) - cfg.job.signal_delay_s
         try:
             roles = Roles(trainers=self.plan["trainers"], rollouts=self.plan["rollouts"], device=device)
-            status = run(cfg, roles, self.run_dir)
+            status = run(cfg, roles, self.run_dir, deadline=deadline)
         finally:
             dist.destroy_process_group()
-        if status == "requeue" and self.plan["executor"] == "slurm":
-            requeue(renv)
+        if status != "done" and self.plan["executor"] == "slurm":
+            wait_for_requeue(renv, ask=status == "requeue")
         return {"rank": renv.rank, "host": renv.hostname, "status": status}
 
 
-def requeue(renv: RankEnv) -> None:
-    """Put the job back in the queue; the new allocation resumes from the checkpoint just written.
+def time_left(slurm_job: str | None, default_s: float) -> float:
+    """Seconds this allocation has left (squeue's %L), or `default_s` outside Slurm."""
+    if slurm_job is None:
+        return default_s
+    out = subprocess.run(["squeue", "-h", "-j", slurm_job.split("_")[0], "-o", "%L"], capture_output=True,
+                         text=True, timeout=60)
+    left = parse_time_left(out.stdout.strip()) if out.returncode == 0 else None
+    return default_s if left is None else left
 
-    Rank 0 asks Slurm; every rank then waits to be stopped by it (returning would mark the task finished).
-    """
+
+def parse_time_left(text: str) -> int | None:
+    """squeue's %L ([days-][hours:]minutes:seconds) in seconds; None for UNLIMITED, NOT_SET or nothing."""
+    days, _, clock = text.rpartition("-")
+    try:
+        parts = [int(x) for x in clock.split(":")]
+        return int(days or 0) * 86400 + sum(v * m for v, m in zip(reversed(parts), (1, 60, 3600)))
+    except ValueError:
+        return None
+
+
+def wait_for_requeue(renv: RankEnv, *, ask: bool) -> None:
+    """After a stop on a signal (the checkpoint is written): rank 0 asks Slurm to requeue the job when the signal
+    was the time-limit or preemption warning; then every rank waits for Slurm to end this allocation. Returning
+    would mark the task finished and the job done."""
     job_id = renv.job_id.split("_")[0]
-    if renv.rank == 0:
+    if ask and renv.rank == 0:
         subprocess.run(["scontrol", "requeue", job_id], check=True)
     time.sleep(600)
-    raise SystemExit(f"job {job_id} was not requeued within 10 minutes")
+    raise SystemExit(f"job {job_id} was not ended by Slurm within 10 minutes of the stop")

@@ -90,9 +90,9 @@ def plan_job(cfg: Config, cluster=None) -> Plan:
     executor, notes = job.executor, []
     if executor == "auto":
         executor = "slurm" if (cluster is not None or slurm_available()) else "local"
-    if executor == "local" and (job.gpu_type or job.nodes > 1):
-        raise ConfigError(f"the local executor runs one node without Slurm; this job wants {job.nodes} node(s)"
-                          + (f" of {job.gpu_type}" if job.gpu_type else "") + ": submit it on a Slurm cluster")
+    if executor == "local" and job.nodes > 1:
+        raise ConfigError(f"the local executor runs one node without Slurm; this job wants {job.nodes} nodes: "
+                          "submit it on a Slurm cluster")
     partition, nodelist, host_gb = job.partition, [], job.host_mem_gb
     if executor == "slurm" and cluster is not None:
         partition, nodelist, host_gb, skipped = choose_nodes(cfg, cluster)
@@ -179,6 +179,10 @@ def pick_tp(cfg: Config, shape: ModelShape, card: float) -> tuple[int, memory.Es
     """The smallest tensor parallelism inside one node whose engine fits the card with room for its KV cache."""
     r, per_node = cfg.rollout, cfg.job.gpus_per_node
     options = [r.tensor_parallel] if r.tensor_parallel else [t for t in (1, 2, 4, 8, 16) if t <= per_node]
+    if r.engine == "native":  # the native engine runs on one GPU; tensor parallelism is vLLM's
+        if r.tensor_parallel > 1:
+            raise ConfigError(f"rollout.tensor_parallel={r.tensor_parallel} needs rollout.engine=vllm")
+        options = [1]
     need = min(r.max_num_seqs, MIN_ENGINE_SEQS)
     for tp in options:
         if per_node % tp:

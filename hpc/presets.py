@@ -31,6 +31,14 @@ def local() -> Config:
     )
 
 
+def cpu_slurm() -> Config:
+    """The local run as a Slurm job over two nodes: the trainer on one, the rollout engine on the other."""
+    cfg = local()
+    cfg.name = "cpu-slurm"
+    cfg.job = dataclasses.replace(cfg.job, executor="slurm", nodes=2, time_limit_min=30)
+    return cfg
+
+
 def h800x32() -> Config:
     """Qwen2-72B-Instruct, full-parameter GRPO on 4 nodes x 8 H800 (80 GB), everything offloaded."""
     return Config(
@@ -98,6 +106,7 @@ def h100x1() -> Config:
 
 PRESETS: dict[str, Callable[[], Config]] = {
     "local": local,
+    "cpu-slurm": cpu_slurm,
     "h800x32": h800x32,
     "h20x32": h20x32,
     "h100x8-lora": h100x8_lora,

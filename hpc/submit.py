@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import shlex
 import socket
 import sys
 import time
@@ -176,10 +178,17 @@ def slurm_parameters(cfg, plan: Plan) -> dict:
     return params
 
 
+# Each task starts Python with USR2 ignored (an ignored signal stays ignored across exec) until the run installs its
+# own handler: Slurm can deliver the time-limit signal the moment a requeued job starts, which would otherwise kill
+# the fresh interpreter before it could save anything.
+TASK_PYTHON = """bash -c 'trap "" USR2; exec "$0" "$@"' {python}"""
+
+
 def slurm_executor(cfg, plan: Plan, run_dir: Path):
     import submitit
 
-    executor = submitit.SlurmExecutor(folder=run_dir / "logs" / "%j")
+    python = TASK_PYTHON.format(python=shlex.quote(sys.executable))
+    executor = submitit.SlurmExecutor(folder=run_dir / "logs" / "%j", python=python)
     executor.update_parameters(**slurm_parameters(cfg, plan))
     return executor
 
@@ -200,7 +209,8 @@ def submit(cfg, plan: Plan, run_dir: Path):
         port = None  # derived from the job id on every node
     else:
         executor = submitit.LocalExecutor(folder=run_dir / "logs" / "%j")
-        executor.update_parameters(tasks_per_node=plan.tasks_per_node, nodes=1, timeout_min=cfg.job.time_limit_min)
+        executor.update_parameters(tasks_per_node=plan.tasks_per_node, nodes=1, timeout_min=cfg.job.time_limit_min,
+                                   gpus_per_node=plan.gpus_per_node)
         port = free_port()
     return executor.submit(RankJob(to_dict(cfg), plan.to_dict(), str(run_dir), master_port=port))
 
@@ -210,10 +220,13 @@ def follow(job, run_dir: Path, steps: int) -> int:
     from tqdm import tqdm
 
     bar = tqdm(total=steps, unit="step", dynamic_ncols=True)
-    seen = 0
+    seen, polls = 0, 0
     while True:
-        done = job.done()
+        done = job.done(force_check=polls % 10 == 0)  # sacct at most every 5 s; result files every 0.5 s
         rows = runlog.read_metrics(run_dir)
+        if len(rows) < seen:  # a requeued run resumed from its checkpoint: those steps are redone
+            bar.reset()
+            seen = 0
         for row in rows[seen:]:
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward']:.3f}", len=f"{row['response_len']:.1f}",
@@ -221,19 +234,43 @@ def follow(job, run_dir: Path, steps: int) -> int:
         seen = len(rows)
         if done:
             break
+        polls += 1
         time.sleep(0.5)
     bar.close()
     try:
         job.results()
-    except Exception as e:  # the job's own traceback is in its logs
-        print(f"error: job {job.job_id} failed: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
-        print(f"logs: {run_dir / 'logs'}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - whatever the job raised; its traceback is in its logs
+        print(f"error: job {job.job_id} failed ({job.state}): {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+        for line in explain_failure(run_dir / "logs" / str(job.job_id)):
+            print(f"  {line}", file=sys.stderr)
+        print(f"logs: {run_dir / 'logs' / str(job.job_id)}", file=sys.stderr)
         return 1
     if rows:
         first, last = runlog.reward_summary(rows)
         print(f"mean reward: first 10 steps {first:.3f}, last 10 steps {last:.3f} ({last - first:+.3f})")
     print(f"run folder: {run_dir}")
     return 0
+
+
+def explain_failure(log_dir: Path) -> list[str]:
+    """Which ranks failed, on which host, with what: srun's own report when there is one, else the last error
+    line of each rank's log."""
+    texts = {f: f.read_text(errors="replace") for f in sorted(log_dir.glob("*_log.*"))}
+    found = []
+    for text in texts.values():
+        for host, task, what in re.findall(r"srun: error: (\S+): tasks? ([\d,-]+): (.+)", text):
+            found.append(f"rank {task} on {host}: {what.strip()}")
+    if found:
+        return sorted(set(found))
+    for path, text in texts.items():
+        m = re.fullmatch(r".*_(\d+)_log\.err", path.name)
+        errors = [ln for ln in text.splitlines() if re.search(r"(Error|Exception)\b", ln)]
+        if m and errors:
+            out = texts.get(path.with_suffix(".out"), "")
+            host = re.search(r"hostname=([^,\s)]+)", out)
+            line = re.sub(r"^\[rank\d+\]:\s*", "", errors[-1]).strip()
+            found.append(f"rank {m.group(1)} on {host.group(1) if host else '?'}: {line}")
+    return found[:8]
 
 
 if __name__ == "__main__":

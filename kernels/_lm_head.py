@@ -43,13 +43,20 @@ class Tiles:
     group_m: int = 8
     num_warps: int = 8
     num_stages: int = 3
+    tma: int = 0  # 1: load tiles through the Hopper tensor-memory accelerator (bf16, H % 8 == 0, CUDA only)
+    ws: int = 0  # 1: ask Triton to warp-specialize the main loop (with tma)
 
 
 # Per (kernel, input dtype); the bench may replace entries to sweep them. The interpreter gets small blocks.
+# Kinds: "fwd" (forward statistics), "save" (the same, also storing the chunk for the GRPO loss), "grad".
+# bf16: the fastest of `python -m kernels.bench.sweep` on an H200 (GPU_NOTES.md, "Kernels"); TMA loads took the
+# main loop from 1.18x to 1.02x the cuBLAS matmul time.
 TILES = {
-    ("fwd", torch.bfloat16): Tiles(128, 256, 64, 8, 8, 3),
-    ("grad", torch.bfloat16): Tiles(128, 256, 64, 8, 8, 3),
+    ("fwd", torch.bfloat16): Tiles(128, 256, 64, 16, 8, 3, tma=1),
+    ("save", torch.bfloat16): Tiles(128, 256, 64, 16, 8, 3, tma=1),
+    ("grad", torch.bfloat16): Tiles(256, 128, 64, 8, 8, 3, tma=1),
     ("fwd", torch.float32): Tiles(64, 64, 32, 8, 4, 2),
+    ("save", torch.float32): Tiles(64, 64, 32, 8, 4, 2),
     ("grad", torch.float32): Tiles(64, 64, 32, 8, 4, 2),
 }
 INTERPRET_TILES = Tiles(16, 32, 16, 4, 1, 1)
@@ -121,33 +128,39 @@ def _tile_ids(pid, n_rows, V, BM: tl.constexpr, BV: tl.constexpr, GROUP_M: tl.co
 @triton.jit
 def _logits_tile(h_ptr, w_ptr, pid_m, pid_v, n_rows, V, H, stride_h, stride_w, inv_t,
                  BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
-                 UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                 UPCAST: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_v * BV + tl.arange(0, BV)
-    # Clamped indices let the main loop run without row/column masks; those results are never stored.
-    rows_c = tl.minimum(rows, n_rows - 1).to(tl.int64)
-    cols_c = tl.minimum(cols, V - 1).to(tl.int64)
-    ks = tl.arange(0, BK)
-    h_ptrs = h_ptr + rows_c[:, None] * stride_h + ks[None, :]
-    w_ptrs = w_ptr + cols_c[:, None] * stride_w + ks[None, :]
     acc = tl.zeros((BM, BV), dtype=tl.float32)
-    for k in range(0, tl.cdiv(H, BK)):
-        if EVEN_K:
-            a = tl.load(h_ptrs)
-            b = tl.load(w_ptrs)
-        else:
-            k_ok = (k * BK + ks) < H
-            a = tl.load(h_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
-        if UPCAST:  # the CPU interpreter mishandles bf16 dots; the upcast products are exact
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, tl.trans(b), acc)
-        h_ptrs += BK
-        w_ptrs += BK
+    if TMA:  # h_ptr and w_ptr are tensor descriptors; out-of-range rows, columns and K are zero-filled
+        for k in tl.range(0, tl.cdiv(H, BK), warp_specialize=WS):
+            a = h_ptr.load([pid_m * BM, k * BK])
+            b = w_ptr.load([pid_v * BV, k * BK])
+            acc = tl.dot(a, b.T, acc)
+    else:
+        # Clamped indices let the main loop run without row/column masks; those results are never stored.
+        rows_c = tl.minimum(rows, n_rows - 1).to(tl.int64)
+        cols_c = tl.minimum(cols, V - 1).to(tl.int64)
+        ks = tl.arange(0, BK)
+        h_ptrs = h_ptr + rows_c[:, None] * stride_h + ks[None, :]
+        w_ptrs = w_ptr + cols_c[:, None] * stride_w + ks[None, :]
+        for k in range(0, tl.cdiv(H, BK)):
+            if EVEN_K:
+                a = tl.load(h_ptrs)
+                b = tl.load(w_ptrs)
+            else:
+                k_ok = (k * BK + ks) < H
+                a = tl.load(h_ptrs, mask=k_ok[None, :], other=0.0)
+                b = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+            if UPCAST:  # the CPU interpreter mishandles bf16 dots; the upcast products are exact
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if IEEE:
+                acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, tl.trans(b), acc)
+            h_ptrs += BK
+            w_ptrs += BK
     return acc * inv_t, rows, cols
 
 
@@ -155,10 +168,11 @@ def _logits_tile(h_ptr, w_ptr, pid_m, pid_v, n_rows, V, H, stride_h, stride_w, i
 def _fwd_kernel(h_ptr, w_ptr, tgt_ptr, pm_ptr, ps_ptr, pa_ptr, tz_ptr, s_ptr,
                 n_rows, V, H, stride_h, stride_w, stride_s, n_vt, inv_t,
                 SAVE: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
-                GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                TMA: tl.constexpr, WS: tl.constexpr):
     pid_m, pid_v = _tile_ids(tl.program_id(0), n_rows, V, BM, BV, GROUP_M)
     z, rows, cols = _logits_tile(h_ptr, w_ptr, pid_m, pid_v, n_rows, V, H, stride_h, stride_w, inv_t,
-                                 BM, BV, BK, EVEN_K, UPCAST, IEEE)
+                                 BM, BV, BK, EVEN_K, UPCAST, IEEE, TMA, WS)
     row_ok = rows < n_rows
     col_ok = cols < V
     z = tl.where(col_ok[None, :], z, float("-inf"))
@@ -227,10 +241,11 @@ def _dlogit(z_minus_lse, is_tgt, ent, c_lp, c_ent, inv_t, HAS_ENT: tl.constexpr)
 def _grad_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, clp_ptr, cent_ptr, d_ptr,
                  n_rows, V, H, stride_h, stride_w, stride_d, inv_t,
                  HAS_ENT: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
-                 GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                 GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                TMA: tl.constexpr, WS: tl.constexpr):
     pid_m, pid_v = _tile_ids(tl.program_id(0), n_rows, V, BM, BV, GROUP_M)
     z, rows, cols = _logits_tile(h_ptr, w_ptr, pid_m, pid_v, n_rows, V, H, stride_h, stride_w, inv_t,
-                                 BM, BV, BK, EVEN_K, UPCAST, IEEE)
+                                 BM, BV, BK, EVEN_K, UPCAST, IEEE, TMA, WS)
     row_ok = rows < n_rows
     col_ok = cols < V
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
@@ -266,43 +281,58 @@ def _dlogits_saved_kernel(s_ptr, d_ptr, pm_ptr, tgt_ptr, lse_ptr, ent_ptr, clp_p
     tl.store(d_ptr + off[None, :], g.to(d_ptr.dtype.element_ty), mask=ok[None, :])
 
 
+def _use_tma(hidden, weight, tiles):
+    # TMA needs 16-byte aligned bases and row strides.
+    return (bool(tiles.tma) and not INTERPRET and hidden.dtype == torch.bfloat16 and hidden.shape[1] % 8 == 0
+            and hidden.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
+
+
+def _operands(hidden, weight, tiles):
+    """The h_ptr, w_ptr kernel arguments: the tensors, or TMA descriptors of their tiles."""
+    if not _use_tma(hidden, weight, tiles):
+        return hidden, weight
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return (TensorDescriptor.from_tensor(hidden, [tiles.bm, tiles.bk]),
+            TensorDescriptor.from_tensor(weight, [tiles.bv, tiles.bk]))
+
+
 def _common(hidden, weight, tiles):
     return dict(n_rows=hidden.shape[0], V=weight.shape[0], H=hidden.shape[1], stride_h=hidden.stride(0),
                 stride_w=weight.stride(0))
 
 
-def _meta(hidden, tiles):
+def _meta(hidden, weight, tiles):
+    tma = _use_tma(hidden, weight, tiles)
     return dict(BM=tiles.bm, BV=tiles.bv, BK=tiles.bk, GROUP_M=tiles.group_m, EVEN_K=hidden.shape[1] % tiles.bk == 0,
-                UPCAST=INTERPRET, IEEE=hidden.dtype == torch.float32 and not INTERPRET,
-                num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+                UPCAST=INTERPRET, IEEE=hidden.dtype == torch.float32 and not INTERPRET, TMA=tma,
+                WS=tma and bool(tiles.ws), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
 
 def forward_stats(hidden, weight, targets, inv_t, lse, logp, ent, *, save=None):
     """Fill lse, logp, ent ([n] float32 views) for the rows of `hidden` ([n, H], contiguous rows).
 
     With `save` (a [n, V] buffer, float16 for bf16 inputs, float32 for float32), also store z - tile_max there
-    and return the [n, vocab tiles] tile maxima that `dlogits_from_saved` needs.
+    and return (the [n, vocab tiles] tile maxima, the tile width) that `dlogits_from_saved` needs.
     """
     n, v = hidden.shape[0], weight.shape[0]
-    tiles = tiles_for("fwd", hidden.dtype)
+    tiles = tiles_for("fwd" if save is None else "save", hidden.dtype)
     n_vt = triton.cdiv(v, tiles.bv)
     dev = hidden.device
     pm, ps, pa = (torch.empty(n, n_vt, device=dev, dtype=torch.float32) for _ in range(3))
     tz = torch.full((n,), float("nan"), device=dev, dtype=torch.float32)  # stays NaN for a target outside [0, V)
     grid = (triton.cdiv(n, tiles.bm) * n_vt,)
-    _fwd_kernel[grid](hidden, weight, targets, pm, ps, pa, tz, save if save is not None else pm,
+    _fwd_kernel[grid](*_operands(hidden, weight, tiles), targets, pm, ps, pa, tz, save if save is not None else pm,
                       stride_s=save.stride(0) if save is not None else 0, n_vt=n_vt, inv_t=inv_t,
-                      SAVE=save is not None, **_common(hidden, weight, tiles), **_meta(hidden, tiles))
+                      SAVE=save is not None, **_common(hidden, weight, tiles), **_meta(hidden, weight, tiles))
     br = 16
     _merge_kernel[(triton.cdiv(n, br),)](pm, ps, pa, tz, lse, logp, ent, n, n_vt, BR=br, BT=64)
-    return pm if save is not None else None
+    return (pm, tiles.bv) if save is not None else None
 
 
-def dlogits_from_saved(buf, tile_max, targets, lse, ent, c_lp, c_ent, inv_t, *, has_ent):
+def dlogits_from_saved(buf, tile_max, tile_v, targets, lse, ent, c_lp, c_ent, inv_t, *, has_ent):
     """Overwrite `buf` (from forward_stats(save=buf)) with dlogits; returns them as a bf16 (or float32) view."""
     n, v = buf.shape
     out = buf.view(torch.bfloat16) if buf.dtype == torch.float16 else buf
-    tile_v = tiles_for("fwd", torch.bfloat16 if buf.dtype == torch.float16 else torch.float32).bv
     bc = 256 if INTERPRET else 2048
     _dlogits_saved_kernel[(n, triton.cdiv(v, bc))](
         buf, out, tile_max, targets, lse, ent, c_lp, c_ent, v, buf.stride(0), tile_max.shape[1], inv_t,
@@ -314,8 +344,8 @@ def grad_logits(hidden, weight, targets, lse, ent, c_lp, c_ent, inv_t, out, *, h
     """Write dlogits of the rows of `hidden` into `out` ([n, V], hidden's dtype), recomputing the logits."""
     tiles = tiles_for("grad", hidden.dtype)
     grid = (triton.cdiv(hidden.shape[0], tiles.bm) * triton.cdiv(weight.shape[0], tiles.bv),)
-    _grad_kernel[grid](hidden, weight, targets, lse, ent, c_lp, c_ent, out, stride_d=out.stride(0), inv_t=inv_t,
-                       HAS_ENT=has_ent, **_common(hidden, weight, tiles), **_meta(hidden, tiles))
+    _grad_kernel[grid](*_operands(hidden, weight, tiles), targets, lse, ent, c_lp, c_ent, out, stride_d=out.stride(0), inv_t=inv_t,
+                       HAS_ENT=has_ent, **_common(hidden, weight, tiles), **_meta(hidden, weight, tiles))
     return out
 
 

@@ -106,14 +106,14 @@ class _FusedGRPOLoss(torch.autograd.Function):
         for i, (r0, r1) in enumerate(chunks):
             sl = slice(r0, r1)
             save = buf[:r1 - r0] if grads else None
-            tile_max = lm.forward_stats(hidden[sl], weight, targets[sl], inv_t, lse[sl], logp[sl], ent[sl], save=save)
+            saved = lm.forward_stats(hidden[sl], weight, targets[sl], inv_t, lse[sl], logp[sl], ent[sl], save=save)
             _token_kernel[(triton.cdiv(r1 - r0, block),)](
                 logp[sl], ent[sl], old[sl], ref[sl] if ref is not None else old[sl], adv[sl], mask[sl], scale[sl],
                 loss_tok[sl], c_lp[sl], c_ent[sl], pg_tok[sl], kl_tok[sl], r1 - r0,
                 cfg["clip_low"], cfg["clip_high"], cfg["clip_c"], cfg["kl_coef"], cfg["entropy_coef"],
                 HAS_REF=ref is not None, KL_KIND=cfg["kl_kind"], BLOCK=block)
             if grads:
-                d = lm.dlogits_from_saved(save, tile_max, targets[sl], lse[sl], ent[sl], c_lp[sl], c_ent[sl], inv_t,
+                d = lm.dlogits_from_saved(save, *saved, targets[sl], lse[sl], ent[sl], c_lp[sl], c_ent[sl], inv_t,
                                           has_ent=has_ent)
                 lm.accumulate_grads(d, hidden[sl], weight, None if d_hidden is None else d_hidden[sl], d_weight,
                                     first=i == 0)

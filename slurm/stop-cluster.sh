@@ -14,11 +14,11 @@ T0=$(date +%s.%N)
 # alive = exists and is not a zombie: the daemons are re-parented to PID 1, which may reap them
 # late, and `kill -0` succeeds on a zombie.
 alive() { local s; s=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1; [ -n "$s" ] && [ "$s" != Z ]; }
-stop_pidfile() {  # pid file, name
+stop_pidfile() {  # pid file, program name: signals the PID only while it still runs that program
   local f=$1 pid i
   [ -f "$f" ] || return 0
-  pid=$(cat "$f" 2>/dev/null) || return 0
-  [[ "$pid" =~ ^[0-9]+$ ]] && alive "$pid" || return 0
+  pid=$(cat "$f" 2>/dev/null); rm -f "$f"
+  [[ "$pid" =~ ^[0-9]+$ ]] && alive "$pid" && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ] || return 0
   kill -TERM "$pid" 2>/dev/null
   for i in $(seq 100); do alive "$pid" || return 0; sleep 0.05; done
   log "$2 ($pid) still running 5 s after SIGTERM: SIGKILL"
@@ -33,7 +33,7 @@ if [ -f "$D/run/slurmctld.pid" ] && alive "$(cat "$D/run/slurmctld.pid")"; then
     for _ in $(seq 100); do [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break; sleep 0.1; done
   fi
 fi
-for f in "$D"/run/slurmd-*.pid; do stop_pidfile "$f" "slurmd $(basename "$f" .pid)"; done
+for f in "$D"/run/slurmd-*.pid; do stop_pidfile "$f" slurmd; done
 stop_pidfile "$D/run/slurmctld.pid" slurmctld
 stop_pidfile "$D/run/slurmdbd.pid" slurmdbd
 stop_pidfile "$D/run/mariadbd.pid" mariadbd
@@ -46,5 +46,5 @@ if [ -f "$D/run/netns.list" ]; then
   done < "$D/run/netns.list"
 fi
 ip link del "$BRIDGE" 2>/dev/null
-[ "$KEEP_DIR" = 1 ] || rm -rf "$D"
+if [ "$KEEP_DIR" = 1 ]; then log "kept $D (logs in $D/log)"; else rm -rf "$D"; fi
 log "stopped in $(awk "BEGIN{printf \"%.1f\", $(date +%s.%N) - $T0}") s"

@@ -246,11 +246,11 @@ def run_one(op, name, fn, case, rep_ms):
 
 def tiles_desc(dtype):
     return ";".join(f"{kind}={t.bm}x{t.bv}x{t.bk}g{t.group_m}w{t.num_warps}s{t.num_stages}"
-                    for kind, t in ((k, lm.tiles_for(k, dtype)) for k in ("fwd", "grad")))
+                    for kind, t in ((k, lm.tiles_for(k, dtype)) for k in ("fwd", "save", "grad")))
 
 
 def set_tiles(spec):
-    """--tiles fwd=128,256,64,8,8,3;grad=... (bm, bv, bk, group_m, num_warps, num_stages) for bfloat16."""
+    """--tiles 'fwd=128,256,64,8,8,3;save=...;grad=...' (bm, bv, bk, group_m, num_warps, num_stages), bfloat16."""
     for part in filter(None, spec.split(";")):
         kind, vals = part.split("=")
         lm.TILES[(kind.strip(), torch.bfloat16)] = lm.Tiles(*[int(x) for x in vals.split(",")])
@@ -265,7 +265,7 @@ def main(argv=None):
                    help="run providers other than 'ours' only at these shapes (default: every shape)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--rep-ms", type=int, default=1000, help="do_bench repetition budget per measurement")
-    p.add_argument("--tiles", default="", help="override tiles: 'fwd=bm,bv,bk,group,warps,stages;grad=...'")
+    p.add_argument("--tiles", default="", help="override tiles: 'fwd=bm,bv,bk,group,warps,stages;save=...;grad=...'")
     p.add_argument("--buffer-mib", type=int, default=None, help="override the backward buffer budget")
     p.add_argument("--csv", default=os.path.join(HERE, "results", "results.csv"))
     p.add_argument("--plot", default=None, help="PNG path (default: results/<card>.png beside the CSV)")
@@ -361,7 +361,7 @@ def _append_csv(path, row):
         wr = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         if new:
             wr.writeheader()
-        wr.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()})
+        wr.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
 def plot(rows, path):

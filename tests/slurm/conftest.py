@@ -23,9 +23,9 @@ def _why_no_cluster() -> str | None:
     if shutil.which("scontrol") is None:
         return "scontrol not found"
     try:
-        p = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
+        p = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
     except subprocess.TimeoutExpired:
-        return "scontrol ping did not answer in 30 s"
+        return "scontrol ping did not answer in 20 s"
     if p.returncode != 0 or " is UP" not in p.stdout:
         return "scontrol ping: " + " ".join((p.stdout + p.stderr).split())[:200]
     return None

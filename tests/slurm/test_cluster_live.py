@@ -190,5 +190,8 @@ def test_killed_task_is_reported_failed(tmp_path):
     job = ex.submit(_die)
     _wait_done(job, 60)  # without accounting (sacct) this never ends: submitit would see no state
     assert _state(job) == "FAILED"
-    with pytest.raises(submitit.core.utils.UncompletedJobError):
+    # result() waits this long for a result file that a slow shared filesystem may not show yet (15 s by
+    # default); here the filesystem is local and the file never comes
+    job._results_timeout_s = 1
+    with pytest.raises(submitit.core.utils.UncompletedJobError, match="has not produced any output"):
         job.result()

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from grpo.data import write_rows
-from grpo.tiny import build_tiny_model, build_tokenizer
+from grpo.tiny import build_tiny_model, build_tokenizer, save_tokenizer
 from hpc.submit import main
 
 
@@ -13,7 +13,7 @@ from hpc.submit import main
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-model")
     build_tiny_model(0).save_pretrained(path, safe_serialization=True)
-    build_tokenizer().save_pretrained(path)
+    save_tokenizer(build_tokenizer(), path)
     return path
 
 

@@ -181,16 +181,16 @@ def test_parse_node_state(token, name, flags, available, reason):
 
 
 # every state name in `man sinfo` (22.05) NODE STATE CODES and in its --states list
-MAN_STATES = ("ALLOCATED ALLOCATED+ COMPLETING DOWN DRAINED DRAINING FAIL FAILING FUTURE IDLE INVAL MAINT REBOOT_ISSUED "
-              "REBOOT_REQUESTED MIXED PERFCTRS NPC PLANNED POWER_DOWN POWERED_DOWN POWERING_DOWN POWERING_UP RESERVED "
-              "UNKNOWN ALLOC CLOUD COMP DRAIN FUTR MIX RESV UNK").split()
+MAN_STATES = ("ALLOCATED ALLOCATED+ COMPLETING DOWN DRAINED DRAINING FAIL FAILING FUTURE IDLE INVAL MAINT "
+              "REBOOT_ISSUED REBOOT_REQUESTED MIXED PERFCTRS NPC PLANNED POWER_DOWN POWERED_DOWN POWERING_DOWN "
+              "POWERING_UP RESERVED UNKNOWN ALLOC CLOUD COMP DRAIN FUTR MIX RESV UNK").split()
 
 
 @pytest.mark.parametrize("token", MAN_STATES)
 def test_every_documented_state_parses_and_only_idle_is_available(token):
     state = parse_node_state(token)
     assert state.available is (token == "IDLE")
-    assert state.reason() and " " not in state.reason().strip("abcdefghijklmnopqrstuvwxyz ")
+    assert re.fullmatch(r"[a-z]+( [a-z]+)?", state.reason()), state.reason()  # a short word or two
 
 
 @pytest.mark.parametrize("token", ["", "   ", "bogus", "idle?", "+drain"])
