@@ -63,6 +63,7 @@ class AlgoConfig:
     norm_adv_by_std: bool = True  # False: Dr.GRPO
     leave_one_out: bool = False
     adv_eps: float = 1e-6
+    kernels: Literal["auto", "triton", "torch"] = "auto"  # auto: Triton on GPUs, the torch references on the CPU
 
 
 @dataclass(kw_only=True)

@@ -19,13 +19,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
+import kernels
 from kernels import group_advantage_ref
 from grpo import checkpoint, runlog, stop
 from grpo.batch import Batch, make_batch, split_by_tokens
 from grpo.config import Config
 from grpo.export import export_hf
 from grpo.loss import agg_loss, kl_penalty, policy_loss
-from grpo.policy import (build_lm, build_optimizer, build_policy, build_reference, load_adapter_weights,
+from grpo.policy import (CausalLMPolicy, build_lm, build_optimizer, build_policy, build_reference, load_adapter_weights,
                          sync_named_parameters)
 from grpo.rollout import NativeEngine
 from grpo.tiny import save_tokenizer
@@ -38,6 +39,7 @@ class Roles:
     trainers: list[int]  # global ranks; trainers[0] drives
     rollouts: list[int]
     device: str  # "cpu" or "cuda"
+    shared_gpu: bool = False  # trainer and engine processes on one GPU: NCCL refuses two ranks on one device
 
     def role_of(self, rank: int) -> str:
         return "trainer" if rank in self.trainers else "rollout"
@@ -57,7 +59,7 @@ def make_groups(roles: Roles) -> Groups:
     ctrl = dist.group.WORLD if cpu else dist.new_group(backend="gloo")
     train = dist.new_group(roles.trainers)
     train_obj = train if cpu else dist.new_group(roles.trainers, backend="gloo")
-    sync = dist.new_group([roles.trainers[0], *roles.rollouts])
+    sync = dist.new_group([roles.trainers[0], *roles.rollouts], backend="gloo" if roles.shared_gpu else None)
     return Groups(ctrl, train, train_obj, sync)
 
 
@@ -132,6 +134,9 @@ class Trainer:
         if cfg.algo.kl_coef > 0:  # LoRA: the same model with its adapters off, no second copy
             self.ref = build_reference(cfg.model, self.policy, mesh, seed=seed, device=device)
         self.opt = build_optimizer(self.policy, cfg.model, lr=t.lr, weight_decay=t.weight_decay)
+        for model in (self.policy, self.ref):
+            if isinstance(model, CausalLMPolicy):
+                model.kernel = cfg.algo.kernels
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: min(1.0, (s + 1) / t.warmup_steps) if t.warmup_steps else 1.0)
         self.tok = load_tokenizer(cfg)
@@ -145,6 +150,12 @@ class Trainer:
                                    dtype=getattr(torch, cfg.model.dtype), device=device)
         broadcast_obj(self.sender.specs if self.driver else None, roles.trainers[0], groups.ctrl)
         self.sender.send()
+
+    def advantage_fn(self):
+        mode = self.cfg.algo.kernels
+        if mode == "torch" or (mode == "auto" and not kernels.triton_available(self.device)):
+            return group_advantage_ref
+        return kernels.group_advantage
 
     def state(self) -> dict:
         """What the driver adds to a checkpoint: enough to continue as if never interrupted."""
@@ -216,8 +227,9 @@ class Trainer:
             groups_out = reassemble([gathered[r] for r in self.roles.rollouts], len(items))
             rewards = torch.tensor([x.score(self.source.response_text(c))
                                     for x, group in zip(items, groups_out) for c in group], dtype=torch.float32)
-            adv = group_advantage_ref(rewards, cfg.rollout.n, eps=cfg.algo.adv_eps,
-                                      norm_by_std=cfg.algo.norm_adv_by_std, leave_one_out=cfg.algo.leave_one_out)
+            adv = self.advantage_fn()(rewards.to(self.device), cfg.rollout.n, eps=cfg.algo.adv_eps,
+                                      norm_by_std=cfg.algo.norm_adv_by_std,
+                                      leave_one_out=cfg.algo.leave_one_out).cpu()
             batch = make_batch(prompt_ids, groups_out, adv, pad_id=special_ids(self.tok)[0])
             lengths = [len(c.token_ids) for group in groups_out for c in group]
             info = {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),

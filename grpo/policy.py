@@ -27,6 +27,7 @@ from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+import kernels
 from kernels import fused_logprob_ref
 from grpo.config import ModelConfig
 from grpo.tiny import build_tiny_model
@@ -56,6 +57,14 @@ class CausalLMPolicy(nn.Module):
         super().__init__()
         self.lm = lm
         self.lora = lora
+        self.kernel = "auto"  # "triton": kernels.fused_logprob; "torch": the reference; "auto": Triton where it runs
+
+    def logprob_fn(self, device):
+        """The log-prob kernel for tensors on `device`: the fused Triton kernel (no [tokens, vocab] logits) where it
+        can run, else the torch reference. The torch reference is the portable fallback on the CPU."""
+        if self.kernel == "torch" or (self.kernel == "auto" and not kernels.triton_available(device)):
+            return fused_logprob_ref
+        return kernels.fused_logprob
 
     def forward(self, input_ids, attention_mask, loss_mask, *, temperature: float = 1.0):
         """Log-prob and entropy of each target token, as [B, L-1] tensors (0 where `loss_mask` is 0).
@@ -64,7 +73,7 @@ class CausalLMPolicy(nn.Module):
         """
         hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         sel = loss_mask.bool()
-        logp, entropy = fused_logprob_ref(
+        logp, entropy = self.logprob_fn(hidden.device)(
             hidden[:, :-1][sel], self.lm.lm_head.weight, input_ids[:, 1:][sel],
             temperature=temperature, return_entropy=True,
         )

@@ -64,7 +64,8 @@ class RankJob:
         else:
             torch.cuda.set_device(renv.local_rank % torch.cuda.device_count())  # one GPU may serve two ranks
         dist.init_process_group(
-            backend="gloo" if device == "cpu" else "nccl",
+            # on GPUs, CPU tensors (offloaded state, gradient norms of host shards) go over gloo
+            backend="gloo" if device == "cpu" else "cpu:gloo,cuda:nccl",
             init_method=f"tcp://{renv.master_addr}:{renv.master_port}",
             rank=renv.rank, world_size=renv.world_size,
             timeout=timedelta(seconds=cfg.job.collective_timeout_s),
@@ -74,7 +75,9 @@ class RankJob:
             slurm_job = renv.job_id if self.plan["executor"] == "slurm" else None
             deadline = time.time() + time_left(slurm_job, cfg.job.time_limit_min * 60) - cfg.job.signal_delay_s
         try:
-            roles = Roles(trainers=self.plan["trainers"], rollouts=self.plan["rollouts"], device=device)
+            gpus = self.plan["gpus_per_node"] * self.plan["nodes"]
+            roles = Roles(trainers=self.plan["trainers"], rollouts=self.plan["rollouts"], device=device,
+                          shared_gpu=device == "cuda" and gpus < renv.world_size)
             status = run(cfg, roles, self.run_dir, deadline=deadline)
         finally:
             dist.destroy_process_group()

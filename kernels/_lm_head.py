@@ -28,7 +28,9 @@ except AttributeError:  # Triton < 3.4 has no knobs module
     INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 # Extra memory for the per-chunk [C, V] buffer of the backward passes; chunks of rows are sized to fit it.
-BUFFER_BYTES = 768 * 2**20
+# Larger chunks mean fewer read-modify-write passes over d_weight: 960 MiB measured 3% faster than 768 MiB at
+# N=16384, V=152064 (0.82 GiB extra in all).
+BUFFER_BYTES = 960 * 2**20
 # Rows per forward-only launch (the partials cost 12 bytes per row and vocab tile).
 FWD_ROWS = 16384
 

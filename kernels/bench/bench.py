@@ -15,6 +15,7 @@ a plot of x roofline is drawn.
 import argparse
 import csv
 import datetime
+import importlib.metadata
 import os
 import subprocess
 import time
@@ -52,10 +53,10 @@ def grpo_torch(h, w, y, old, ref, adv, mask, scale):
     return ((pg + 0.001 * kl) * mask * scale).sum()
 
 
-def _version(mod):
+def _version(dist):
     try:
-        return __import__(mod).__version__
-    except Exception:  # not installed, or no version attribute
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
         return ""
 
 
@@ -245,12 +246,12 @@ def run_one(op, name, fn, case, rep_ms):
 
 
 def tiles_desc(dtype):
-    return ";".join(f"{kind}={t.bm}x{t.bv}x{t.bk}g{t.group_m}w{t.num_warps}s{t.num_stages}"
+    return ";".join(f"{kind}={t.bm}x{t.bv}x{t.bk}g{t.group_m}w{t.num_warps}s{t.num_stages}{'t' if t.tma else ''}"
                     for kind, t in ((k, lm.tiles_for(k, dtype)) for k in ("fwd", "save", "grad")))
 
 
 def set_tiles(spec):
-    """--tiles 'fwd=128,256,64,8,8,3;save=...;grad=...' (bm, bv, bk, group_m, num_warps, num_stages), bfloat16."""
+    """--tiles 'fwd=128,256,64,8,8,3,1;save=...;grad=...' (bm, bv, bk, group_m, warps, stages[, tma, ws]), bf16."""
     for part in filter(None, spec.split(";")):
         kind, vals = part.split("=")
         lm.TILES[(kind.strip(), torch.bfloat16)] = lm.Tiles(*[int(x) for x in vals.split(",")])
@@ -281,7 +282,7 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     meta = dict(date=datetime.date.today().isoformat(), card=card, torch=torch.__version__,
-                triton=_version("triton"), liger=_version("liger_kernel"), cce=_version("cut_cross_entropy"),
+                triton=_version("triton"), liger=_version("liger-kernel"), cce=_version("cut-cross-entropy"),
                 git_sha=git_sha(), dtype=args.dtype, tiles=tiles_desc(dtype), buffer_mib=lm.BUFFER_BYTES // 2**20)
     ops = [o for o in args.ops.split(",") if o]
     wanted = [q for q in args.providers.split(",") if q]
@@ -364,6 +365,9 @@ def _append_csv(path, row):
         wr.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
+YCAP = 2.5  # y limit of the plot's panels
+
+
 def plot(rows, path):
     """Bars of x roofline per provider, one panel per op, shapes along the x axis."""
     ok = [r for r in rows if isinstance(r.get("x_roofline"), float)]
@@ -382,7 +386,12 @@ def plot(rows, path):
         for i, q in enumerate(provs):
             ys = [next((r["x_roofline"] for r in sel if r["provider"] == q and (r["N"], r["H"]) == s), 0.0)
                   for s in shapes]
-            ax.bar([j + i * width for j in range(len(shapes))], ys, width, label=q)
+            xs = [j + i * width for j in range(len(shapes))]
+            ax.bar(xs, [min(y, YCAP) for y in ys], width, label=q)
+            for x, y in zip(xs, ys):
+                if y > YCAP:  # a bar off the scale gets its value written at the top
+                    ax.text(x, YCAP * 0.97, f"{y:.1f}x", ha="center", va="top", rotation=90, fontsize=7)
+        ax.set_ylim(0, YCAP)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
         ax.set_xticklabels([f"N={n}\nH={h}" for n, h in shapes])

@@ -38,7 +38,7 @@ if [ "${PEERS:-1}" = 1 ]; then  # PEERS=0 when the peers' rows of an earlier run
 else
   wait $sweep
   TILES=$(cat "$OUT/tiles.txt" 2>/dev/null || true)
-  for mib in ${BUFFERS:-768}; do  # the backward chunk buffer: larger chunks, fewer d_weight passes
+  for mib in ${BUFFERS:-0}; do  # backward chunk buffers to compare, MiB (0: the default)
     on 1 "ours72b-$mib" $B --providers ours --tiles "$TILES" --buffer-mib "$mib" --shapes 16384x8192x152064 \
       --csv "$OUT/parts/ours72b-$mib.csv"
   done &
