@@ -204,3 +204,31 @@ def parse_value(text: str, hint: Any, key: str) -> Any:
     if hint is str:
         return text
     raise ConfigError(f"{key}: unsupported field type {hint!r}")  # a bug in the config classes, not user input
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Every per-rank batch number, from the few global quantities a user sets."""
+
+    responses_per_step: int  # data.prompts_per_step x rollout.n
+    responses_per_rank: int  # each trainer rank's share
+    mini_batch_prompts: int  # prompts per optimizer step, over all ranks (verl's ppo_mini_batch_size)
+    mini_batch_rows: int  # responses per optimizer step on each trainer rank
+    optimizer_steps: int  # per GRPO step (train.mini_batches)
+    max_tokens_per_micro_batch: int  # 0: one micro-batch per mini-batch
+
+
+def derive(cfg: Config, trainer_ranks: int) -> Derived:
+    """The per-rank numbers for `trainer_ranks` data-parallel trainer ranks; ConfigError when they cannot split."""
+    d, n, mini = cfg.data.prompts_per_step, cfg.rollout.n, cfg.train.mini_batches
+    rows = d * n
+    if trainer_ranks < 1 or rows % trainer_ranks:
+        raise ConfigError(f"{rows} responses per step (data.prompts_per_step x rollout.n) must split evenly over "
+                          f"{trainer_ranks} trainer ranks (job.trainer_ranks)")
+    per_rank = rows // trainer_ranks
+    if mini < 1 or per_rank % mini or d % mini:
+        raise ConfigError(f"train.mini_batches={mini} must divide both data.prompts_per_step={d} and the {per_rank} "
+                          f"responses of each of the {trainer_ranks} trainer ranks (job.trainer_ranks)")
+    return Derived(responses_per_step=rows, responses_per_rank=per_rank, mini_batch_prompts=d // mini,
+                   mini_batch_rows=per_rank // mini, optimizer_steps=mini,
+                   max_tokens_per_micro_batch=cfg.train.max_tokens_per_gpu)

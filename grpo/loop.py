@@ -23,7 +23,7 @@ import kernels
 from kernels import group_advantage_ref
 from grpo import checkpoint, runlog, stop
 from grpo.batch import Batch, make_batch, split_by_tokens
-from grpo.config import Config
+from grpo.config import Config, derive
 from grpo.export import export_hf
 from grpo.loss import agg_loss, kl_penalty, policy_loss
 from grpo.policy import (CausalLMPolicy, build_lm, build_optimizer, build_policy, build_reference, load_adapter_weights,
@@ -137,6 +137,7 @@ class Trainer:
         for model in (self.policy, self.ref):
             if isinstance(model, CausalLMPolicy):
                 model.kernel = cfg.algo.kernels
+        self.fused = self.policy.fused_loss_available(device)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: min(1.0, (s + 1) / t.warmup_steps) if t.warmup_steps else 1.0)
         self.tok = load_tokenizer(cfg)
@@ -267,6 +268,37 @@ class Trainer:
         groups += [[]] * (int(count) - len(groups))
         return [torch.tensor(g, dtype=torch.long, device=batch.input_ids.device) for g in groups]
 
+    def loss(self, mb: Batch, norm: dict):
+        """The GRPO loss from per-token log-probs (grpo.loss, the reference numerics)."""
+        algo = self.cfg.algo
+        logp, entropy = self.policy(mb.input_ids, mb.attention_mask, mb.loss_mask,
+                                    temperature=self.cfg.rollout.temperature)
+        width = logp.shape[1]
+        pg, metrics = policy_loss(logp, mb.old_logp[:, :width], mb.advantages, mb.loss_mask, clip_low=algo.clip_low,
+                                  clip_high=algo.clip_high, clip_c=algo.clip_c, agg=algo.agg, **norm)
+        ent = agg_loss(entropy, mb.loss_mask, algo.agg, **norm)
+        loss, kl = pg - algo.entropy_coef * ent, None
+        if self.ref is not None:
+            kl = agg_loss(kl_penalty(logp, mb.ref_logp[:, :width], algo.kl_kind), mb.loss_mask, algo.agg, **norm)
+            loss = loss + algo.kl_coef * kl
+        return loss, pg, ent, kl, metrics
+
+    def fused_loss(self, mb: Batch, norm: dict):
+        """The same loss from kernels.fused_grpo_loss: three [tokens x hidden x vocab] matmuls instead of four, no
+        [tokens, vocab] logits kept."""
+        algo, width = self.cfg.algo, mb.loss_mask.shape[1]
+        scale = kernels.token_weights(mb.loss_mask, algo.agg, **norm)
+        grpo = dict(old_logp=mb.old_logp[:, :width], advantages=mb.advantages[:, None].expand(-1, width),
+                    scale=scale, clip_low=algo.clip_low, clip_high=algo.clip_high, clip_c=algo.clip_c,
+                    entropy_coef=algo.entropy_coef)
+        if self.ref is not None:
+            grpo.update(ref_logp=mb.ref_logp[:, :width], kl_coef=algo.kl_coef, kl_kind=algo.kl_kind)
+        loss, stats = self.policy(mb.input_ids, mb.attention_mask, mb.loss_mask,
+                                  temperature=self.cfg.rollout.temperature, grpo=grpo)
+        metrics = {k: stats[k] for k in ("clipfrac", "clipfrac_lower", "approx_kl")}
+        kl = stats["kl_loss"] if self.ref is not None else None
+        return loss, stats["pg_loss"], stats["entropy_loss"], kl, metrics
+
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
         cfg, algo = self.cfg, self.cfg.algo
         batch.old_logp = self.logprobs(self.policy, batch)
@@ -274,7 +306,7 @@ class Trainer:
             batch.ref_logp = self.logprobs(self.ref, batch)
         sums: dict[str, torch.Tensor] = {"skipped_steps": torch.tensor(0.0)}
         add = lambda k, v: sums.__setitem__(k, sums.get(k, 0) + v.detach().float())
-        size = len(batch) // cfg.train.mini_batches
+        size = derive(cfg, self.dp).mini_batch_rows
         for start in range(0, len(batch), size):
             mini = batch.rows(start, start + size)
             # token-mean over the mini-batch of every trainer rank; FSDP2 averages gradients over the dp ranks
@@ -288,17 +320,11 @@ class Trainer:
                 mb = mini.rows(0, 1) if empty else mini.select(idx).trim()
                 # deferring the reduce-scatter to the last micro-batch saves traffic but holds unsharded gradients
                 self.policy.set_requires_gradient_sync(j == len(micro) - 1 or not cfg.train.defer_grad_sync)
-                logp, entropy = self.policy(mb.input_ids, mb.attention_mask, mb.loss_mask,
-                                            temperature=cfg.rollout.temperature)
-                old = mb.old_logp[:, :logp.shape[1]]
-                pg, metrics = policy_loss(logp, old, mb.advantages, mb.loss_mask, clip_low=algo.clip_low,
-                                          clip_high=algo.clip_high, clip_c=algo.clip_c, agg=algo.agg, **norm)
-                ent = agg_loss(entropy, mb.loss_mask, algo.agg, **norm)
-                loss = pg - algo.entropy_coef * ent
-                if self.ref is not None:
-                    kl = agg_loss(kl_penalty(logp, mb.ref_logp[:, :logp.shape[1]], algo.kl_kind), mb.loss_mask,
-                                  algo.agg, **norm)
-                    loss = loss + algo.kl_coef * kl
+                if self.fused:
+                    loss, pg, ent, kl, metrics = self.fused_loss(mb, norm)
+                else:
+                    loss, pg, ent, kl, metrics = self.loss(mb, norm)
+                if kl is not None:
                     add("kl", kl * (not empty))
                 (loss * (self.dp * (not empty))).backward()
                 share = mb.loss_mask.sum() / num_tokens * (not empty)  # this micro-batch's share of the tokens

@@ -59,6 +59,9 @@ class CausalLMPolicy(nn.Module):
         self.lora = lora
         self.kernel = "auto"  # "triton": kernels.fused_logprob; "torch": the reference; "auto": Triton where it runs
 
+    def fused_loss_available(self, device) -> bool:
+        return self.kernel == "triton" or (self.kernel == "auto" and kernels.triton_available(device))
+
     def logprob_fn(self, device):
         """The log-prob kernel for tensors on `device`: the fused Triton kernel (no [tokens, vocab] logits) where it
         can run, else the torch reference. The torch reference is the portable fallback on the CPU."""
@@ -66,13 +69,21 @@ class CausalLMPolicy(nn.Module):
             return fused_logprob_ref
         return kernels.fused_logprob
 
-    def forward(self, input_ids, attention_mask, loss_mask, *, temperature: float = 1.0):
+    def forward(self, input_ids, attention_mask, loss_mask, *, temperature: float = 1.0, grpo: dict | None = None):
         """Log-prob and entropy of each target token, as [B, L-1] tensors (0 where `loss_mask` is 0).
 
         Position t predicts token t+1; `loss_mask` is [B, L-1] and selects the response tokens.
+        With `grpo` (the keyword arguments of kernels.fused_grpo_loss, per-token tensors as [B, L-1]), returns
+        instead that fused loss and its stats: the loss and its gradients in one pass over the LM head. It runs
+        inside forward so that FSDP2 has gathered the LM head.
         """
         hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         sel = loss_mask.bool()
+        if grpo is not None:
+            per_token = {k: v[sel] if torch.is_tensor(v) and v.dim() == 2 else v for k, v in grpo.items()}
+            return kernels.fused_grpo_loss(hidden[:, :-1][sel], self.lm.lm_head.weight, input_ids[:, 1:][sel],
+                                           temperature=temperature, mask=torch.ones_like(per_token["old_logp"]),
+                                           **per_token)
         logp, entropy = self.logprob_fn(hidden.device)(
             hidden[:, :-1][sel], self.lm.lm_head.weight, input_ids[:, 1:][sel],
             temperature=temperature, return_entropy=True,

@@ -35,10 +35,18 @@ class Estimate:
         return sum(self.host.values())
 
 
+TORCH_LOGIT_COPIES = 5  # the torch reference under autograd keeps z, z/T, log_softmax, softmax and p*z alive
+
+
 def trainer_memory(shape: ModelShape, *, gpus: int, tokens_per_micro_batch: int, lora_rank: int,
                    param_offload: bool, optimizer_offload: bool, activation_checkpointing: bool,
-                   reference: bool, reference_offload: bool) -> Estimate:
-    """Memory of one trainer GPU when the model is sharded over `gpus` GPUs."""
+                   reference: bool, reference_offload: bool, logprob: str = "fused",
+                   response_tokens: int | None = None, defer_grad_sync: bool = False) -> Estimate:
+    """Memory of one trainer GPU when the model is sharded over `gpus` GPUs.
+
+    `logprob`: "fused" (the Triton kernel: a fixed buffer) or "torch" (float32 [response tokens, vocab] logits,
+    several copies under autograd). `defer_grad_sync`: gradients stay unsharded (bf16) until the last micro-batch.
+    """
     est = Estimate("trainer")
     P, T = shape.params, gpus
     put = lambda name, nbytes, offload: (est.host if offload else est.gpu).__setitem__(name, nbytes / GB)
@@ -60,7 +68,13 @@ def trainer_memory(shape: ModelShape, *, gpus: int, tokens_per_micro_batch: int,
         est.gpu["activations (checkpointed)"] = (shape.layers * tokens * H * 2 + per_block) / GB
     else:
         est.gpu["activations"] = shape.layers * per_block / GB
-    est.gpu["log-prob kernel"] = LOGPROB_BUFFER_GB
+    if logprob == "torch":
+        resp = tokens if response_tokens is None else response_tokens
+        est.gpu["log-prob logits (torch, fp32)"] = TORCH_LOGIT_COPIES * resp * shape.vocab * 4 / GB
+    else:
+        est.gpu["log-prob kernel"] = LOGPROB_BUFFER_GB
+    if defer_grad_sync:
+        est.gpu["unsharded gradients (deferred sync)"] = 2 * (shape.lora_params(lora_rank) if lora_rank else P) / GB
     if reference and not lora_rank:
         put("reference (bf16 shards)", 2 * P / T, reference_offload)
     est.gpu["CUDA context"] = CUDA_CONTEXT_GB

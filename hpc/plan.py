@@ -11,7 +11,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 
-from grpo.config import Config, ConfigError
+from grpo.config import Config, ConfigError, derive
 from grpo.tasks import TASKS
 from hpc import memory
 from hpc.models import ModelShape, resolve_shape
@@ -75,12 +75,15 @@ def check_config(cfg: Config) -> None:
 
 
 def check_split(cfg: Config, trainers: int) -> None:
-    rows = cfg.data.prompts_per_step * cfg.rollout.n
-    if rows % trainers or (rows // trainers) % cfg.train.mini_batches:
-        raise ConfigError(
-            f"{rows} responses per step (data.prompts_per_step x rollout.n) must split evenly over "
-            f"{trainers} trainer ranks (job.trainer_ranks) and then over train.mini_batches="
-            f"{cfg.train.mini_batches}")
+    derive(cfg, trainers)
+
+
+def splits(cfg: Config, trainers: int) -> bool:
+    try:
+        derive(cfg, trainers)
+    except ConfigError:
+        return False
+    return True
 
 
 def plan_job(cfg: Config, cluster=None) -> Plan:
@@ -203,7 +206,9 @@ def trainer_estimate(cfg: Config, shape: ModelShape, gpus: int, tokens: int) -> 
     return memory.trainer_memory(
         shape, gpus=gpus, tokens_per_micro_batch=tokens, lora_rank=m.lora_rank, param_offload=m.param_offload,
         optimizer_offload=m.optimizer_offload, activation_checkpointing=m.activation_checkpointing,
-        reference=cfg.algo.kl_coef > 0, reference_offload=m.param_offload)
+        reference=cfg.algo.kl_coef > 0, reference_offload=m.param_offload,
+        logprob="torch" if cfg.algo.kernels == "torch" else "fused",
+        response_tokens=tokens * cfg.rollout.max_new_tokens // seq_len(cfg), defer_grad_sync=cfg.train.defer_grad_sync)
 
 
 def pick_trainers(cfg: Config, shape: ModelShape, card: float, total: int, tp: int, host_gb: float):
@@ -220,7 +225,7 @@ def pick_trainers(cfg: Config, shape: ModelShape, card: float, total: int, tp: i
         candidates = list(range(1, per_node))
     rows = cfg.data.prompts_per_step * cfg.rollout.n
     candidates = [t for t in candidates if (total - t) >= tp and (total - t) % tp == 0 and t < total
-                  and rows % t == 0 and (rows // t) % cfg.train.mini_batches == 0]
+                  and splits(cfg, t)]
     if not candidates:
         raise ConfigError(f"{total} GPUs leave no trainer pool that takes {rows} responses in "
                           f"{cfg.train.mini_batches} mini-batch(es) beside engines of TP={tp}; "
