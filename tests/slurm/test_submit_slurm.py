@@ -149,7 +149,7 @@ def test_time_limit_saves_requeues_and_resumes(tmp_path, prompt_requeues):
 def test_scontrol_requeue_resumes_without_losing_steps(tmp_path, prompt_requeues):
     follower = submit(tmp_path, "--set", "train.steps=400", "--set", "train.checkpoint_every=50", wait=False)
     run_dir = wait_for_steps(lambda: (tmp_path / "runs").glob("cpu-slurm-*"), 120, timeout=180)
-    job_id = next(run_dir.glob("logs/*")).name
+    job_id = next(p.name for p in run_dir.glob("logs/*") if p.name.isdigit())
     subprocess.run(["scontrol", "requeue", job_id], check=True)
     out, err = follower.communicate(timeout=600)
     assert follower.returncode == 0, out[-3000:] + err[-3000:]
