@@ -300,7 +300,7 @@ class Trainer:
         return loss, stats["pg_loss"], stats["entropy_loss"], kl, metrics
 
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
-        cfg, algo = self.cfg, self.cfg.algo
+        cfg = self.cfg
         batch.old_logp = self.logprobs(self.policy, batch)
         if self.ref is not None:
             batch.ref_logp = self.logprobs(self.ref, batch)

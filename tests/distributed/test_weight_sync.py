@@ -3,7 +3,6 @@
 After a training step the receiver's weights must equal the trainer's full weights bit for bit.
 """
 
-import os
 
 import pytest
 import torch

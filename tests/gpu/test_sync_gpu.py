@@ -1,7 +1,6 @@
 """GPU: the weight sync over NCCL (FSDP2 trainers -> a rollout rank, on the job's group and on a stateless group) and
 the native engine it feeds (CUDA-graph decode against eager decode and against a full forward)."""
 
-import os
 import socket
 
 import pytest

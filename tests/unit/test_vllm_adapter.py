@@ -16,7 +16,6 @@ import types
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from grpo.vllm_engine import (GrpoWorkerExtension, VLLMSettings, check_version, engine_args, sampling_args,
