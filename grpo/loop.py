@@ -11,6 +11,8 @@ One step:
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ from grpo.policy import (CausalLMPolicy, build_lm, build_optimizer, build_policy
 from grpo.rollout import NativeEngine
 from grpo.tiny import save_tokenizer
 from grpo.prompts import load_tokenizer, make_source, special_ids
-from grpo.weight_sync import WeightReceiver, WeightSender
+from grpo.weight_sync import StatelessGroup, WeightReceiver, WeightSender
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,12 @@ class Roles:
     rollouts: list[int]
     device: str  # "cpu" or "cuda"
     shared_gpu: bool = False  # trainer and engine processes on one GPU: NCCL refuses two ranks on one device
+    tp: int = 1  # GPUs per engine: rollout ranks form engines of `tp` consecutive ranks inside a node
+
+    @property
+    def engine_leaders(self) -> list[int]:
+        """The first rollout rank of each engine: it runs the engine and takes that engine's share of prompts."""
+        return self.rollouts[::self.tp]
 
     def role_of(self, rank: int) -> str:
         return "trainer" if rank in self.trainers else "rollout"
@@ -90,17 +98,16 @@ def agree_stop(group) -> str | None:
 
 
 def rollout_worker(cfg: Config, roles: Roles, groups: Groups, device: torch.device) -> str:
-    pad_id, eos_id = special_ids(load_tokenizer(cfg))
-    engine = NativeEngine(build_lm(cfg.model, cfg.train.seed, device=device), pad_id=pad_id,
-                          eos_id=eos_id, max_new_tokens=cfg.rollout.max_new_tokens,
-                          temperature=cfg.rollout.temperature)
-    specs = broadcast_obj(None, roles.trainers[0], groups.ctrl)
-    receiver = WeightReceiver(specs, groups.sync, src=roles.trainers[0],
-                              bucket_bytes=cfg.rollout.sync_bucket_mb << 20, device=device)
-    # full fine-tuning sends every weight; LoRA sends the adapters (the base was loaded from the same checkpoint)
-    load = (lambda w: load_adapter_weights(engine.model, w)) if cfg.model.lora_rank else engine.load_weights
-    load(receiver.receive())
-    index = roles.rollouts.index(dist.get_rank())
+    """A rollout rank: an engine (or, inside a TP group, a place held for the engine's workers), its share of each
+    step's prompts, and the new weights after every optimizer step."""
+    rank = dist.get_rank()
+    leader = rank in roles.engine_leaders
+    engine = make_engine(cfg, roles, device) if leader else None
+    specs, addr = broadcast_obj(None, roles.trainers[0], groups.ctrl)
+    load = connect_engine(cfg, roles, groups, engine, specs, addr, device) if leader else (lambda: None)
+    if cfg.rollout.engine == "native":  # vLLM's workers took part in the first sync inside connect_engine
+        load()
+    index = roles.engine_leaders.index(rank) if leader else None
     while True:
         halt = agree_stop(groups.ctrl)
         if halt:
@@ -109,10 +116,61 @@ def rollout_worker(cfg: Config, roles: Roles, groups: Groups, device: torch.devi
         if msg is None:
             return "done"
         prompts, seed = msg
-        mine = prompts[index::len(roles.rollouts)]
-        out = engine.generate(mine, cfg.rollout.n, seed=seed * 1000 + index)
+        out = None
+        if leader:
+            mine = prompts[index::len(roles.engine_leaders)]
+            out = engine.generate(mine, cfg.rollout.n, seed=seed * 1000 + index)
         dist.gather_object(out, None, dst=roles.trainers[0], group=groups.ctrl)
-        load(receiver.receive())
+        load()
+
+
+def make_engine(cfg: Config, roles: Roles, device: torch.device):
+    """The engine of an engine leader: the native engine on its own GPU (or CPU), or vLLM over the `tp` GPUs of its
+    group (vLLM starts its worker processes itself, on the devices this process shows it)."""
+    pad_id, eos_id = special_ids(load_tokenizer(cfg))
+    if cfg.rollout.engine == "native":
+        return NativeEngine(build_lm(cfg.model, cfg.train.seed, device=device), pad_id=pad_id, eos_id=eos_id,
+                            max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature)
+    from grpo.vllm_engine import VLLMEngine, VLLMSettings
+
+    if device.type == "cuda":
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        first = torch.cuda.current_device()
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids[first:first + roles.tp])
+    r = cfg.rollout
+    settings = VLLMSettings(model_path=cfg.model.path, tensor_parallel=roles.tp, max_new_tokens=r.max_new_tokens,
+                            temperature=r.temperature, max_model_len=cfg.data.max_prompt_len + r.max_new_tokens,
+                            max_num_seqs=r.max_num_seqs, gpu_memory_utilization=r.gpu_memory_utilization,
+                            dtype=cfg.model.dtype, seed=cfg.train.seed)
+    return VLLMEngine(settings)
+
+
+def connect_engine(cfg: Config, roles: Roles, groups: Groups, engine, specs, addr, device):
+    """Join the weight sync; returns the function that takes one sync into the engine."""
+    bucket_bytes = cfg.rollout.sync_bucket_mb << 20
+    if cfg.rollout.engine != "native":
+        index = roles.engine_leaders.index(dist.get_rank())
+        engine.join_weight_sync(specs, host=addr[0], port=addr[1], rank_offset=1 + index * roles.tp,
+                                world_size=1 + len(roles.rollouts), backend=sync_backend(roles),
+                                bucket_bytes=bucket_bytes)
+        engine.receive_weights()  # the first sync, which the trainer sends at start-up
+        return engine.receive_weights
+    receiver = WeightReceiver(specs, groups.sync, src=roles.trainers[0], bucket_bytes=bucket_bytes, device=device)
+    # full fine-tuning sends every weight; LoRA sends the adapters (the base was loaded from the same checkpoint)
+    if cfg.model.lora_rank:
+        return lambda: load_adapter_weights(engine.model, receiver.receive())
+    return lambda: engine.load_weights(receiver.receive())
+
+
+def sync_backend(roles: Roles) -> str:
+    return "gloo" if roles.device == "cpu" or roles.shared_gpu else "nccl"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
 
 
 def broadcast_obj(obj, src: int, group):
@@ -149,7 +207,11 @@ class Trainer:
         self.sender = WeightSender(sync_named_parameters(self.policy), groups.sync, src=roles.trainers[0],
                                    bucket_bytes=cfg.rollout.sync_bucket_mb << 20,
                                    dtype=getattr(torch, cfg.model.dtype), device=device)
-        broadcast_obj(self.sender.specs if self.driver else None, roles.trainers[0], groups.ctrl)
+        addr = (socket.gethostname(), free_port()) if self.driver and cfg.rollout.engine != "native" else None
+        broadcast_obj((self.sender.specs, addr) if self.driver else None, roles.trainers[0], groups.ctrl)
+        if addr is not None:  # vLLM's workers live outside the job's world: a group of their own, rank 0 here
+            self.sender.group = StatelessGroup(host=addr[0], port=addr[1], rank=0,
+                                               world_size=1 + len(roles.rollouts), backend=sync_backend(roles))
         self.sender.send()
 
     def advantage_fn(self):
@@ -225,7 +287,7 @@ class Trainer:
             broadcast_obj((prompt_ids, step), src, groups.ctrl)
             gathered = [None] * dist.get_world_size()
             dist.gather_object(None, gathered, dst=src, group=groups.ctrl)
-            groups_out = reassemble([gathered[r] for r in self.roles.rollouts], len(items))
+            groups_out = reassemble([gathered[r] for r in self.roles.engine_leaders], len(items))
             rewards = torch.tensor([x.score(self.source.response_text(c))
                                     for x, group in zip(items, groups_out) for c in group], dtype=torch.float32)
             adv = self.advantage_fn()(rewards.to(self.device), cfg.rollout.n, eps=cfg.algo.adv_eps,
@@ -363,7 +425,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def reassemble(per_rank: list[list], num_prompts: int) -> list:
-    """Rollout rank k got prompts k, k+R, k+2R, ...; put their groups back in prompt order."""
+    """Engine k got prompts k, k+E, k+2E, ...; put their groups back in prompt order."""
     out = [None] * num_prompts
     for k, groups in enumerate(per_rank):
         for j, group in enumerate(groups):

@@ -54,8 +54,18 @@ def check_dataset(cfg: Config, tokenizer=None) -> str | None:
         raise ConfigError(f"data.train_path: {e}") from None
 
 
+def check_engine(cfg: Config) -> None:
+    """The vLLM engine needs vLLM in this environment (the job runs the same Python)."""
+    import importlib.util
+
+    if cfg.rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError("rollout.engine=vllm needs vLLM 0.24 to 0.33 in this environment: pip install -e '.[vllm]' "
+                          "(or --set rollout.engine=native)")
+
+
 def check_inputs(cfg: Config) -> list[str]:
     """Every check that can run here; returns lines worth printing with the plan."""
+    check_engine(cfg)
     check_model(cfg)
     tokenizer = None
     if cfg.data.task == "dataset" and cfg.model.path != "tiny":

@@ -77,7 +77,8 @@ class RankJob:
         try:
             gpus = self.plan["gpus_per_node"] * self.plan["nodes"]
             roles = Roles(trainers=self.plan["trainers"], rollouts=self.plan["rollouts"], device=device,
-                          shared_gpu=device == "cuda" and gpus < renv.world_size)
+                          shared_gpu=device == "cuda" and gpus < renv.world_size,
+                          tp=self.plan["tp"] if cfg.rollout.engine != "native" else 1)
             status = run(cfg, roles, self.run_dir, deadline=deadline)
         finally:
             dist.destroy_process_group()
