@@ -58,6 +58,9 @@ def check_engine(cfg: Config) -> None:
     """The vLLM engine needs vLLM in this environment (the job runs the same Python)."""
     import importlib.util
 
+    if cfg.rollout.engine == "vllm" and cfg.model.lora_rank:
+        raise ConfigError("LoRA with the vLLM engine is not supported yet: vLLM takes adapters only from a folder, "
+                          "and our sync sends tensors; use rollout.engine=native or full fine-tuning")
     if cfg.rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ConfigError("rollout.engine=vllm needs vLLM 0.24 to 0.33 in this environment: pip install -e '.[vllm]' "
                           "(or --set rollout.engine=native)")

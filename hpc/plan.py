@@ -145,7 +145,7 @@ def plan_gpus(cfg: Config, executor: str, host_gb: float) -> Plan:
         raise ConfigError(misfit)
     check_split(cfg, trainer_gpus)
     table = memory.format_estimates([trainer_est, engine], card, job.gpu_type)
-    notes = [kv_note]
+    notes = [kv_note, sync_note(cfg, shape, crosses_nodes=job.nodes > 1)]
     return Plan(executor=executor, device="cuda", nodes=job.nodes, tasks_per_node=per_node,
                 trainers=list(range(trainer_gpus)), rollouts=list(range(trainer_gpus, total)),
                 gpu_type=job.gpu_type, gpus_per_node=per_node, tp=tp, tokens_per_micro_batch=tokens,
@@ -169,6 +169,24 @@ def plan_shared_gpu(cfg: Config, shape: ModelShape, card: float, engine: memory.
     return Plan(executor=executor, device="cuda", nodes=1, tasks_per_node=2, trainers=[0], rollouts=[1],
                 gpu_type=cfg.job.gpu_type, gpus_per_node=1, tp=1, tokens_per_micro_batch=tokens,
                 memory_table=table, notes=["trainer and engine share the GPU"])
+
+
+# Weight-sync bandwidth end to end (gathers, buckets, loading included): measured on H200s over NVLink (GPU_NOTES.md,
+# grpo.weight_sync.MEASURED_NVLINK_SYNC_GBPS). Between nodes the NIC bounds it; 400 Gb/s InfiniBand is assumed there,
+# not measured.
+SYNC_GBPS_NVLINK = 300.0
+SYNC_GBPS_NETWORK = 50.0
+
+
+def sync_note(cfg: Config, shape: ModelShape, *, crosses_nodes: bool) -> str:
+    """The expected weight-sync time per step: bf16 weights (or LoRA adapters) over the expected bandwidth."""
+    nbytes = 2 * (shape.lora_params(cfg.model.lora_rank) if cfg.model.lora_rank else shape.params)
+    gbps, link = (SYNC_GBPS_NETWORK, "400 Gb/s network, assumed") if crosses_nodes else (SYNC_GBPS_NVLINK,
+                                                                                         "NVLink, measured")
+    what = "LoRA adapters" if cfg.model.lora_rank else "weights"
+    seconds = nbytes / gbps / 1e9
+    took = f"{seconds:.1f} s" if seconds >= 0.1 else f"{seconds * 1e3:.0f} ms"
+    return f"weight sync ~{took} per step ({nbytes / 1e9:.1f} GB of bf16 {what} at {gbps:.0f} GB/s, {link})"
 
 
 def seq_len(cfg: Config) -> int:

@@ -118,3 +118,11 @@ def test_host_memory_of_the_nodes_is_checked():
 
 def test_known_cards():
     assert GPU_MEMORY_GB["h800"] == 80 and GPU_MEMORY_GB["h20"] == 96
+
+
+def test_plan_prints_the_expected_sync_time():
+    full = plan_job(get_preset("h800x32"))
+    lora = plan_job(get_preset("h100x8-lora"))
+    # 72.7 B bf16 weights across nodes at 50 GB/s; the LoRA adapters only (0.8 GB) inside a node at 300 GB/s
+    assert any("weight sync ~2.9 s" in n and "145.4 GB" in n for n in full.notes), full.notes
+    assert any("weight sync ~3 ms" in n and "LoRA adapters" in n for n in lora.notes), lora.notes
