@@ -49,9 +49,6 @@ class Roles:
         """The first rollout rank of each engine: it runs the engine and takes that engine's share of prompts."""
         return self.rollouts[::self.tp]
 
-    def role_of(self, rank: int) -> str:
-        return "trainer" if rank in self.trainers else "rollout"
-
 
 @dataclass
 class Groups:

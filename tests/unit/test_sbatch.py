@@ -50,3 +50,19 @@ def test_a_name_with_shell_characters_is_refused():
 
     with pytest.raises(ConfigError, match="name="):
         plan_job(apply_overrides(get_preset("h800x32"), ["name=x; rm -rf /"]))
+
+
+def test_dry_run_against_a_saved_cluster_prints_the_plan_and_script(tmp_path, capsys):
+    from hpc.submit import main
+
+    header = "NODELIST|PARTITION|STATE|STATECOMPLETE|GRES|GRES_USED|CPUS|MEMORY|AVAIL|TIMELIMIT|REASON\n"
+    rows = [f"g{i}|h800|{state}|{state}|gpu:h800:8|gpu:h800:0(IDX:N/A)|128|2048000|up|2-00:00:00|none\n"
+            for i, state in enumerate(["drained", "idle", "idle", "idle", "idle"])]
+    saved = tmp_path / "cluster.txt"
+    saved.write_text(header + "".join(rows))
+    out = tmp_path / "runs"
+    assert main(["--preset", "h800x32", "--dry-run", "--cluster-file", str(saved), "--set", f"out_dir={out}"]) == 0
+    text = capsys.readouterr().out
+    assert "partition h800, nodes g1,g2,g3,g4" in text and "skipped node g0: drained" in text
+    assert "#SBATCH --nodelist=g1,g2,g3,g4" in text and "#SBATCH --gres=gpu:h800:8" in text
+    assert "dry run: nothing submitted" in text and not out.exists()
