@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,15 @@ def run(cfg: Config, roles: Roles, run_dir: str, *, deadline: float | None = Non
     return status
 
 
+TRACE = os.environ.get("GRPO_TRACE") == "1"
+
+
+def trace(msg: str) -> None:
+    """With GRPO_TRACE=1 every rank logs where it is (to find the collective a hung job waits in)."""
+    if TRACE:
+        print(f"[grpo rank {dist.get_rank()} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 def agree_stop(group) -> str | None:
     """Once per step on every rank: has any rank been asked to stop? (A tiny all-reduce on the gloo group.)"""
     flag = torch.tensor([{None: 0, "stop": 1, "requeue": 2}[stop.requested()]])
@@ -100,10 +110,12 @@ def rollout_worker(cfg: Config, roles: Roles, groups: Groups, device: torch.devi
     rank = dist.get_rank()
     leader = rank in roles.engine_leaders
     engine = make_engine(cfg, roles, device) if leader else None
+    trace("engine built")
     specs, addr = broadcast_obj(None, roles.trainers[0], groups.ctrl)
     load = connect_engine(cfg, roles, groups, engine, specs, addr, device) if leader else (lambda: None)
     if cfg.rollout.engine == "native":  # vLLM's workers took part in the first sync inside connect_engine
         load()
+    trace("first weights in")
     index = roles.engine_leaders.index(rank) if leader else None
     while True:
         halt = agree_stop(groups.ctrl)
@@ -117,8 +129,10 @@ def rollout_worker(cfg: Config, roles: Roles, groups: Groups, device: torch.devi
         if leader:
             mine = prompts[index::len(roles.engine_leaders)]
             out = engine.generate(mine, cfg.rollout.n, seed=seed * 1000 + index)
+        trace(f"step {seed}: generated")
         dist.gather_object(out, None, dst=roles.trainers[0], group=groups.ctrl)
         load()
+        trace(f"step {seed}: weights in")
 
 
 def make_engine(cfg: Config, roles: Roles, device: torch.device):
@@ -209,7 +223,9 @@ class Trainer:
         if addr is not None:  # vLLM's workers live outside the job's world: a group of their own, rank 0 here
             self.sender.group = StatelessGroup(host=addr[0], port=addr[1], rank=0,
                                                world_size=1 + len(roles.rollouts), backend=sync_backend(roles))
+        trace("policy built, sending the first weights")
         self.sender.send()
+        trace("first weights sent")
 
     def advantage_fn(self):
         mode = self.cfg.algo.kernels
@@ -247,10 +263,13 @@ class Trainer:
             t0 = time.perf_counter()
             batch, info = self.rollout(step)
             t1 = time.perf_counter()
+            trace(f"step {step}: batch in")
             stats = self.update(batch)
             t2 = time.perf_counter()
+            trace(f"step {step}: updated")
             self.sender.send()
             t3 = time.perf_counter()
+            trace(f"step {step}: weights sent")
             if self.driver:
                 row = {"step": step, **info, **{k: float(v) for k, v in stats.items()},
                        "lr": self.sched.get_last_lr()[0], "rollout_s": t1 - t0, "update_s": t2 - t1,
