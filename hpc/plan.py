@@ -118,7 +118,7 @@ def plan_cpu(cfg: Config, executor: str) -> Plan:
     if (t + r) % job.nodes:
         raise ConfigError(f"{t + r} CPU ranks (job.trainer_ranks + job.rollout_ranks) must split evenly over "
                           f"job.nodes={job.nodes}")
-    notes = ["no Slurm on this machine: running with submitit's local executor"] if executor == "local" else []
+    notes = ["one machine, no Slurm needed: submitit's local executor"] if executor == "local" else []
     return Plan(executor=executor, device="cpu", nodes=job.nodes, tasks_per_node=(t + r) // job.nodes,
                 trainers=list(range(t)), rollouts=list(range(t, t + r)), notes=notes)
 
