@@ -49,6 +49,7 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.85  # share of each rollout GPU the engine may take
     max_num_seqs: int = 256  # sequences an engine runs at once (sizes the KV cache)
     sync_bucket_mb: int = 1024  # weight-sync bucket size
+    ignore_eos: bool = False  # sample every response to max_new_tokens (benchmarks: fixed lengths, as vLLM's flag)
 
 
 @dataclass(kw_only=True)

@@ -72,10 +72,10 @@ def check_inputs(cfg: Config) -> list[str]:
     check_model(cfg)
     tokenizer = None
     if cfg.data.task == "dataset" and cfg.model.path != "tiny":
-        from transformers import AutoTokenizer
+        from grpo.prompts import load_pretrained_tokenizer
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(Path(cfg.model.path).expanduser()))
+            tokenizer = load_pretrained_tokenizer(cfg.model.path)
         except (OSError, ValueError) as e:
             raise ConfigError(f"model.path={cfg.model.path!r}: cannot load its tokenizer ({e})") from None
     report = check_dataset(cfg, tokenizer)

@@ -6,10 +6,13 @@ local executor's variables); this is the one place that reads them.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import subprocess
+import sys
 import time
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -80,11 +83,23 @@ class RankJob:
                           shared_gpu=device == "cuda" and gpus < renv.world_size,
                           tp=self.plan["tp"] if cfg.rollout.engine != "native" else 1)
             status = run(cfg, roles, self.run_dir, deadline=deadline)
-        finally:
-            dist.destroy_process_group()
+        except BaseException:
+            fail_fast()
+            raise
+        dist.destroy_process_group()
         if status != "done" and self.plan["executor"] == "slurm":
             wait_for_requeue(renv, ask=status == "requeue")
         return {"rank": renv.rank, "host": renv.hostname, "status": status}
+
+
+def fail_fast() -> None:
+    """A rank that raised leaves its peers inside collectives; tearing NCCL down then can block for ever (seen on
+    H200s: destroy_process_group hung and the error was never printed). So print the error now, skip the teardown,
+    and make sure the process ends: after 60 s a C-level watchdog exits it, even in interpreter shutdown. The job's
+    other ranks then fail on a closed connection or the collective timeout, and the scheduler ends the job."""
+    traceback.print_exc()
+    sys.stderr.flush()
+    faulthandler.dump_traceback_later(60, exit=True)
 
 
 def time_left(slurm_job: str | None, default_s: float) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import socket
@@ -210,9 +211,16 @@ def submit(cfg, plan: Plan, run_dir: Path):
     else:
         executor = submitit.LocalExecutor(folder=run_dir / "logs" / "%j")
         executor.update_parameters(tasks_per_node=plan.tasks_per_node, nodes=1, timeout_min=cfg.job.time_limit_min,
-                                   gpus_per_node=plan.gpus_per_node)
+                                   gpus_per_node=plan.gpus_per_node, **visible_gpus())
         port = free_port()
     return executor.submit(RankJob(to_dict(cfg), plan.to_dict(), str(run_dir), master_port=port))
+
+
+def visible_gpus() -> dict:
+    """The GPUs this process was given (CUDA_VISIBLE_DEVICES), for submitit's local executor, which would otherwise
+    set its tasks' CUDA_VISIBLE_DEVICES to 0..n-1: on a shared host those can be someone else's GPUs."""
+    ids = [x.strip() for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]
+    return {"visible_gpus": [int(x) for x in ids]} if ids and all(x.isdigit() for x in ids) else {}
 
 
 def follow(job, run_dir: Path, steps: int) -> int:

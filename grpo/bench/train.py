@@ -32,14 +32,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import DeviceMesh
 
-SHAPES = {
-    # Qwen2.5-1.5B: hidden 1536, 28 layers, 12 heads / 2 KV heads of 128, MLP 8960, vocab 151936, tied head
-    "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True,
-                         rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=32768),
-    "tiny": dict(vocab_size=1000, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
-                 num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=4096),
-}
+from grpo.bench.assets import SHAPES, write_random_checkpoint
+
 VARIANTS = {
     "full": dict(activation_checkpointing=True),
     "full-rs": dict(activation_checkpointing=True),
@@ -49,48 +43,6 @@ VARIANTS = {
     "lora": dict(activation_checkpointing=True, lora_rank=32, lora_alpha=32, lora_targets="all-linear"),
 }
 GB = 1 << 30
-
-
-def write_random_checkpoint(folder: Path, shapes: str, *, device: torch.device, seed: int = 0,
-                            shard_bytes: int = 2 * 10**9) -> float:
-    """A Hugging Face folder with random bf16 weights (std 0.02, norms 1), written tensor by tensor."""
-    from safetensors.torch import save_file
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    t0 = time.perf_counter()
-    folder.mkdir(parents=True, exist_ok=True)
-    config = Qwen2Config(**SHAPES[shapes])
-    with torch.device("meta"):
-        names = [(n, p.shape) for n, p in Qwen2ForCausalLM(config).named_parameters()]  # a tied head once
-    gen = torch.Generator(device=device).manual_seed(seed)
-    parts, current, used = [], {}, 0
-
-    def flush():
-        nonlocal current, used
-        parts.append(current)
-        current, used = {}, 0
-
-    for name, shape in names:
-        if name.endswith("norm.weight"):
-            t = torch.ones(shape, device=device)
-        else:
-            t = torch.randn(shape, generator=gen, device=device) * 0.02
-        t = t.to(torch.bfloat16).cpu()
-        if current and used + t.numel() * 2 > shard_bytes:
-            flush()
-        current[name] = t
-        used += t.numel() * 2
-    flush()
-    weight_map = {}
-    for i, part in enumerate(parts, start=1):
-        file = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
-        save_file(part, str(folder / file), metadata={"format": "pt"})
-        weight_map.update({n: file for n in part})
-    total = sum(t.numel() * 2 for part in parts for t in part.values())
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    config.save_pretrained(str(folder))
-    return time.perf_counter() - t0
 
 
 def make_batch(args, rank: int, world: int, vocab: int, device: torch.device):
