@@ -30,7 +30,7 @@ from grpo.config import Config, derive
 from grpo.export import export_hf
 from grpo.loss import agg_loss, kl_penalty, policy_loss
 from grpo.policy import (CausalLMPolicy, build_lm, build_optimizer, build_policy, build_reference, load_adapter_weights,
-                         sync_named_parameters)
+                         sync_named_tensors)
 from grpo.rollout import NativeEngine
 from grpo.tiny import save_tokenizer
 from grpo.prompts import load_tokenizer, make_source, special_ids
@@ -215,9 +215,11 @@ class Trainer:
         last = checkpoint.latest(run_dir)
         if last is not None:
             self.restore(checkpoint.load(last, self.policy, self.opt, group=groups.train))
-        self.sender = WeightSender(sync_named_parameters(self.policy), groups.sync, src=roles.trainers[0],
+        # LoRA: the native engine carries the adapters, vLLM takes merged weights (grpo.vllm_engine says why)
+        named, static = sync_named_tensors(self.policy, merge_lora=cfg.rollout.engine == "vllm")
+        self.sender = WeightSender(named, groups.sync, src=roles.trainers[0],
                                    bucket_bytes=cfg.rollout.sync_bucket_mb << 20,
-                                   dtype=getattr(torch, cfg.model.dtype), device=device)
+                                   dtype=getattr(torch, cfg.model.dtype), static=static, device=device)
         addr = (socket.gethostname(), free_port()) if self.driver and cfg.rollout.engine != "native" else None
         broadcast_obj((self.sender.specs, addr) if self.driver else None, roles.trainers[0], groups.ctrl)
         if addr is not None:  # vLLM's workers live outside the job's world: a group of their own, rank 0 here

@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -31,6 +32,7 @@ import kernels
 from kernels import fused_logprob_ref
 from grpo.config import ModelConfig
 from grpo.tiny import build_tiny_model
+from grpo.weight_sync import Computed
 
 PREFIX = "lm."
 SUPPORTED_MODEL_TYPES = ("qwen2",)  # Qwen2 and Qwen2.5 checkpoints both say "qwen2"
@@ -481,6 +483,51 @@ def adapter_named_parameters(policy: CausalLMPolicy) -> list[tuple[str, torch.Te
 def sync_named_parameters(policy: CausalLMPolicy) -> list[tuple[str, torch.Tensor]]:
     """What the weight sync sends after each step: only the adapters with LoRA, else every parameter."""
     return adapter_named_parameters(policy) if policy.lora is not None else hf_named_parameters(policy)
+
+
+def sync_named_tensors(policy: CausalLMPolicy, *, merge_lora: bool
+                       ) -> tuple[list[tuple[str, torch.Tensor | Computed]], set[str]]:
+    """What the weight sync sends, and the names of it that never change (the first sync sends those, later ones
+    do not): every parameter with full fine-tuning; with LoRA the adapters (for an engine that carries them, the
+    native one), or with `merge_lora` the merged weights (for vLLM: grpo.vllm_engine says why), of which only the
+    adapted ones change."""
+    if policy.lora is None or not merge_lora:
+        return sync_named_parameters(policy), set()
+    named = merged_named_tensors(policy)
+    return named, {name for name, t in named if not isinstance(t, Computed)}
+
+
+def merged_named_tensors(policy: CausalLMPolicy) -> list[tuple[str, torch.Tensor | Computed]]:
+    """Every base-model parameter under its Hugging Face name, in module order, each LoRA-adapted weight as a
+    `Computed` merge W + (alpha/r) B A with W's shape, dtype and sharding (made at send time by `merge_rows`)."""
+    params = dict(sharded_named_parameters(policy))
+    out = []
+    for name, p in params.items():
+        if is_adapter(name):
+            continue
+        if name.endswith(".base_layer.weight"):
+            module = name.removesuffix(".base_layer.weight")
+            a, b = params[f"{module}.lora_A.{ADAPTER}.weight"], params[f"{module}.lora_B.{ADAPTER}.weight"]
+            p = Computed(p, partial(merge_rows, p, a, b, policy.lora.scaling))
+        out.append((hf_name(name), p))
+    return out
+
+
+@torch.no_grad()
+def merge_rows(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """This rank's rows of W + scaling * B @ A (computed in float32, returned in W's dtype and sharding, on the mesh's
+    device). W [out, in] and B [out, r] are row-sharded alike, so B's local rows give W's; A [r, in] is gathered
+    whole: a collective over the mesh, so every rank merges the same layers in the same order."""
+    a_full = gather_full(a).float()
+    assert shard_rows(w) == shard_rows(b), (shard_rows(w), shard_rows(b))
+    device = a_full.device  # the mesh's: offloaded host shards are merged on the GPU
+    w_local = local_of(w).to(device, non_blocking=True).float()
+    b_local = local_of(b).to(device, non_blocking=True).float()
+    merged = torch.addmm(w_local, b_local, a_full, alpha=scaling).to(w.dtype)
+    if isinstance(w, DTensor):
+        return DTensor.from_local(merged, w.device_mesh, w.placements, run_check=False, shape=w.shape,
+                                  stride=w.stride())
+    return merged
 
 
 def trainable_parameters(policy: CausalLMPolicy) -> list[torch.Tensor]:

@@ -15,6 +15,20 @@ Layout decision, for one Slurm task per GPU with trainer and rollout ranks in on
   `start_weight_update(is_checkpoint_format=...)` is gone in 0.33, `update_weights` takes a list in 0.33), its
   trainer side gathers every parameter on every trainer rank one at a time (no overlap of gather and broadcast, the
   3.7x-of-the-wire pattern measured in GPU_NOTES.md), and one protocol for every engine is the design.
+- LoRA runs sync MERGED weights: for every LoRA-adapted linear the trainer sends W_base + (alpha/r) B A under the
+  Hugging Face base name (`model.layers.0.self_attn.q_proj.weight`, no `.base_layer`), in the model dtype, and every
+  other weight as it is; the engine loads them through the same `load_weights` path as full fine-tuning, and runs
+  with no LoRA of its own (`enable_lora` stays off), so nothing vLLM-version-specific is needed. Each trainer rank
+  merges its own rows (its shards of W and B, A gathered whole) when the weight's bucket is filled
+  (`grpo.policy.merged_named_tensors`). The other weights (embeddings, norms, biases, the LM head, non-adapted
+  linears) never change in a LoRA run: the first sync sends them, later syncs only the merged ones (`static`
+  tensors, grpo.weight_sync). Why not adapters: vLLM 0.24 to 0.33 take a LoRA adapter only from a folder
+  (`LoRARequest` is path-only; in-memory tensors need a monkey-patch of the private
+  `LRUCacheWorkerLoRAManager._load_adapter`, as verl does), and generation through the punica LoRA kernels is slower
+  than with merged weights. The cost is bytes on the wire: a 72B model in bf16 is ~145 GB (the first sync; later
+  ones ~140 GB with all-linear targets), about 0.5 s inside one node at the measured 300 GB/s (GPU_NOTES.md),
+  against minutes per step for that preset (h100x8-lora). The native engine carries the adapters itself and receives
+  only them.
 - Every method and attribute of the extension starts with `grpo_` / `_grpo_`: vLLM asserts that an extension adds
   no name its Worker has, and 0.33's Worker owns update_weights, start_weight_update, reload_weights and more.
 - After every update the prefix cache is reset (no weight path in vLLM does it): GRPO repeats prompts, and a stale
@@ -137,8 +151,8 @@ class VLLMEngine:
         """Every worker of this engine joins the sync group as rank rank_offset + its TP rank. Runs concurrently
         with trainer rank 0 creating the group (rank 0) at (host, port). Returns the workers' ranks."""
         return self.llm.collective_rpc("grpo_join_weight_sync", kwargs=dict(
-            specs=[[s.name, list(s.shape), s.dtype] for s in specs], host=host, port=port, rank_offset=rank_offset,
-            world_size=world_size, backend=backend, bucket_bytes=bucket_bytes))
+            specs=[[s.name, list(s.shape), s.dtype, s.static] for s in specs], host=host, port=port,
+            rank_offset=rank_offset, world_size=world_size, backend=backend, bucket_bytes=bucket_bytes))
 
     def receive_weights(self) -> int:
         """Receive one sync (concurrently with the trainers' `WeightSender.send`), load it, reset the prefix cache.
@@ -176,8 +190,8 @@ class GrpoWorkerExtension:
         rank = rank_offset + self.rank  # the worker's rank inside its engine (= its TP rank; data parallel is off)
         group = StatelessGroup(host=host, port=port, rank=rank, world_size=world_size, backend=backend)
         self._grpo_group = group
-        self._grpo_receiver = WeightReceiver([TensorSpec(name, tuple(shape), dtype) for name, shape, dtype in specs],
-                                             group, src=0, bucket_bytes=bucket_bytes, device=self.device)
+        specs = [TensorSpec(name, tuple(shape), dtype, static=static) for name, shape, dtype, static in specs]
+        self._grpo_receiver = WeightReceiver(specs, group, src=0, bucket_bytes=bucket_bytes, device=self.device)
         return rank
 
     def grpo_receive_weights(self) -> int:

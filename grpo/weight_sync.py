@@ -18,6 +18,15 @@ trainer group's communicator) runs while bucket k is on the wire (on the sync gr
 refilled only after its previous broadcast finished. With NCCL every wait is a stream wait, not a host sync. Receivers
 keep two receives posted the same way, so the copy of bucket k into the engine overlaps the arrival of bucket k+1.
 
+Computed tensors: besides parameters, the sender takes a `Computed` per name, a tensor made at send time (when its
+bucket is filled) with the shape, dtype and placements of a given tensor: e.g. a LoRA layer's merged weight, whose
+local rows each trainer rank computes from its own shards (grpo.policy.merged_named_tensors). Only a bucket's worth
+exists at a time.
+
+Static tensors: names marked `static` never change during the run (a LoRA run's base weights outside the adapted
+layers). The first sync sends every tensor, later ones only the others; the specs say which, so both sides plan the
+two bucket layouts alike.
+
 Memory while a sync runs (a bucket here is the largest one: a tensor bigger than `bucket_bytes` gets its own): `src`
 holds 2 buckets, every other trainer rank 2 buckets / trainer ranks, every receiver 2 buckets.
 """
@@ -26,7 +35,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator
 
 import torch
 import torch.distributed as dist
@@ -48,15 +57,22 @@ class TensorSpec:
     dtype: str  # e.g. "float32"
     offset: int = 0  # byte offset inside its bucket
     nbytes: int = 0
+    static: bool = False  # never changes: sent by the first sync only
 
 
 def dtype_of(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def spec_of(name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> TensorSpec:
+def spec_of(name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None, *, static: bool = False
+            ) -> TensorSpec:
     dtype = dtype or tensor.dtype
-    return TensorSpec(name, tuple(tensor.shape), str(dtype).removeprefix("torch."))
+    return TensorSpec(name, tuple(tensor.shape), str(dtype).removeprefix("torch."), static=static)
+
+
+def sync_specs(specs: list[TensorSpec], index: int) -> list[TensorSpec]:
+    """The tensors of sync number `index` (0 = the first): all of them, then only those not static."""
+    return list(specs) if index == 0 else [s for s in specs if not s.static]
 
 
 def plan_buckets(specs: list[TensorSpec], bucket_bytes: int) -> list[list[TensorSpec]]:
@@ -69,7 +85,7 @@ def plan_buckets(specs: list[TensorSpec], bucket_bytes: int) -> list[list[Tensor
         if current and used + nbytes > bucket_bytes:
             buckets.append(current)
             current, used = [], 0
-        current.append(TensorSpec(spec.name, spec.shape, spec.dtype, used, nbytes))
+        current.append(TensorSpec(spec.name, spec.shape, spec.dtype, used, nbytes, spec.static))
         used += -(-nbytes // ALIGN) * ALIGN
     if current:
         buckets.append(current)
@@ -134,11 +150,21 @@ def _broadcast(buf: torch.Tensor, *, src: int, group):
     return dist.broadcast(buf, src=src, group=group, async_op=True)
 
 
+@dataclass(frozen=True)
+class Computed:
+    """A tensor to send that `make()` returns at send time. `like` stands for it until then: the result has its
+    shape, dtype and placements (for a DTensor, the same mesh and sharding). Every trainer rank calls `make()` for
+    the same names in the same order, so it may run collectives over the trainer group."""
+    like: torch.Tensor
+    make: Callable[[], torch.Tensor]
+
+
 @dataclass
 class _Item:
     spec: TensorSpec
-    param: torch.Tensor
+    param: torch.Tensor  # the parameter, or a Computed's `like`
     mode: str  # "rows": FSDP2 dim-0 shards sent point-to-point; "full": full_tensor(); "whole": src's own copy
+    make: Callable[[], torch.Tensor] | None = None  # a Computed's; None: send `param`
 
 
 def _train_group_of(param: torch.Tensor, src: int):
@@ -155,42 +181,53 @@ def _train_group_of(param: torch.Tensor, src: int):
 class WeightSender:
     """Called on every trainer rank (they all take part in the gathers); rank `src` broadcasts.
 
-    `named_params` is the full list, in the same order on every rank; `include` keeps only the names it returns True
-    for (e.g. only LoRA adapter tensors). `dtype` casts what travels (e.g. fp32 master weights sent as bf16).
+    `named_params` is the full list of (name, parameter or `Computed`), in the same order on every rank; `include`
+    keeps only the names it returns True for (e.g. only LoRA adapter tensors); `static` names the tensors that never
+    change (sent by the first `send()` only). `dtype` casts what travels (e.g. fp32 master weights sent as bf16).
     """
 
-    def __init__(self, named_params: list[tuple[str, torch.Tensor]], group, *, src: int,
+    def __init__(self, named_params: list[tuple[str, torch.Tensor | Computed]], group, *, src: int,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: torch.dtype | None = None,
-                 include: Callable[[str], bool] | None = None, device: torch.device | None = None):
+                 include: Callable[[str], bool] | None = None, static: Collection[str] = (),
+                 device: torch.device | None = None):
         named_params = [(n, p) for n, p in named_params if include is None or include(n)]
         if not named_params:
             raise ValueError("weight sync has no tensors to send: the include filter matched no parameter name")
-        self.specs = [spec_of(name, p, dtype) for name, p in named_params]
-        self.buckets = plan_buckets(self.specs, bucket_bytes)
+        self.specs = [spec_of(name, _like(p), dtype, static=name in static)
+                      for name, p in named_params]
         self.group, self.src = group, src
         self.device = device  # where buckets live; parameters offloaded to the host are copied there
         self.rank = dist.get_rank() if dist.is_initialized() else src  # a lone trainer process needs no job group
         self.is_src = self.rank == src
-        params = dict(named_params)
-        self.train_group = None
-        for _, p in named_params:
-            if self.train_group is None:
-                self.train_group = _train_group_of(p, src)
-        self.items = []
-        for bucket in self.buckets:
-            row = []
-            for spec in bucket:
-                p = params[spec.name]
-                if self.train_group is not None and _train_group_of(p, src) is self.train_group:
-                    mode = "rows"
-                else:
-                    mode = "full" if isinstance(p, DTensor) else "whole"
-                row.append(_Item(spec, p, mode))
-            self.items.append(row)
+        groups = (_train_group_of(_like(p), src) for _, p in named_params)
+        self.train_group = next((g for g in groups if g is not None), None)
         if self.train_group is not None:
             self.train_ranks = dist.get_process_group_ranks(self.train_group)
             self.my_index = self.train_ranks.index(self.rank)
+        params = dict(named_params)
+        self.plans = [self._plan(sync_specs(self.specs, index), params, bucket_bytes) for index in (0, 1)]
+        self.buckets, self.items = self.plans[0]  # the first sync's layout (every tensor)
+        self.num_sends = 0
+        if self.train_group is not None:
             self._check_local_rows()
+
+    def _plan(self, specs: list[TensorSpec], params: dict, bucket_bytes: int):
+        """(buckets, items per bucket) of one sync layout."""
+        buckets = plan_buckets(specs, bucket_bytes)
+        items = []
+        for bucket in buckets:
+            row = []
+            for spec in bucket:
+                p = params[spec.name]
+                make = p.make if isinstance(p, Computed) else None
+                p = _like(p)
+                if self.train_group is not None and _train_group_of(p, self.src) is self.train_group:
+                    mode = "rows"
+                else:
+                    mode = "full" if isinstance(p, DTensor) else "whole"
+                row.append(_Item(spec, p, mode, make))
+            items.append(row)
+        return buckets, items
 
     def _check_local_rows(self) -> None:
         for row in self.items:
@@ -203,33 +240,37 @@ class WeightSender:
 
     @torch.no_grad()
     def send(self) -> int:
-        """Broadcast every bucket once; returns the bytes broadcast (0 on ranks other than `src`)."""
+        """Broadcast every bucket of this sync once (the first sync: every tensor; later ones: all but the static
+        ones); returns the bytes broadcast (0 on ranks other than `src`)."""
+        buckets, items = self.plans[min(self.num_sends, 1)]
+        self.num_sends += 1
         sent = 0
         bufs, pending = [None, None], [None, None]
         device = None
-        for k, row in enumerate(self.items):
+        for k, row in enumerate(items):
             slot = k % 2
             if pending[slot] is not None:  # the buffer's previous broadcast must be done before it is refilled
                 pending[slot].wait()
                 pending[slot] = None
-            size = bucket_size(self.buckets[k])
+            size = bucket_size(buckets[k])
             ops, keep = [], []
             buf = None
             if self.is_src:
                 device = device or self.device or _device_of(row[0].param)
                 if bufs[slot] is None or bufs[slot].numel() < size:
-                    bufs[slot] = torch.empty(max(size, _max_bucket(self.buckets)), dtype=torch.uint8, device=device)
+                    bufs[slot] = torch.empty(max(size, _max_bucket(buckets)), dtype=torch.uint8, device=device)
                 buf = bufs[slot][:size]
             for item in row:
                 spec, dtype = item.spec, dtype_of(item.spec.dtype)
+                tensor = item.param if item.make is None else item.make()
                 if item.mode == "rows":
-                    ops += self._rows_ops(item, buf, dtype, keep)
+                    ops += self._rows_ops(spec, tensor, buf, dtype, keep)
                 elif item.mode == "full":
-                    full = item.param.full_tensor()
+                    full = tensor.full_tensor()
                     if self.is_src:
                         _view(buf, spec).copy_(full)
                 elif self.is_src:
-                    _view(buf, spec).copy_(item.param.detach())
+                    _view(buf, spec).copy_(tensor.detach())
             if ops:
                 for work in dist.batch_isend_irecv(ops):
                     work.wait()
@@ -242,11 +283,10 @@ class WeightSender:
                 work.wait()
         return sent
 
-    def _rows_ops(self, item: _Item, buf, dtype: torch.dtype, keep: list) -> list:
-        """Point-to-point ops that put every trainer's rows of `item` into `buf` on src; src copies its own rows."""
-        spec = item.spec
+    def _rows_ops(self, spec: TensorSpec, tensor: torch.Tensor, buf, dtype: torch.dtype, keep: list) -> list:
+        """Point-to-point ops that put every trainer's rows of `tensor` into `buf` on src; src copies its own rows."""
         row_bytes = spec.nbytes // spec.shape[0]
-        local = item.param.to_local()
+        local = tensor.to_local()
         if self.device is not None:
             local = local.to(self.device, non_blocking=True)
         ops = []
@@ -268,6 +308,10 @@ class WeightSender:
         return ops
 
 
+def _like(p: torch.Tensor | Computed) -> torch.Tensor:
+    return p.like if isinstance(p, Computed) else p
+
+
 def _device_of(param: torch.Tensor) -> torch.device:
     return param.to_local().device if isinstance(param, DTensor) else param.device
 
@@ -284,34 +328,44 @@ def _view(buf: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
 class WeightReceiver:
     """Called on every rollout rank: yields (name, tensor) views into the current bucket.
 
-    `src` is the broadcasting trainer's global rank (ignored for a StatelessGroup, whose rank 0 it is).
+    `src` is the broadcasting trainer's global rank (ignored for a StatelessGroup, whose rank 0 it is). The first
+    `receive()` takes every tensor of `specs`, later ones all but the static ones, as the sender sends them.
     """
 
     def __init__(self, specs: list[TensorSpec], group, *, src: int, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  device: torch.device):
         self.specs = list(specs)
-        self.buckets = plan_buckets(self.specs, bucket_bytes)
+        self.plans = [plan_buckets(sync_specs(self.specs, index), bucket_bytes) for index in (0, 1)]
+        self.buckets = self.plans[0]  # the first sync's layout (every tensor)
+        self.num_receives = 0
         self.group, self.src, self.device = group, src, torch.device(device)
 
-    @torch.no_grad()
     def receive(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Each yielded tensor is valid until the next bucket is consumed: copy it right away, on the current stream
-        (the receive that reuses its buffer is ordered after the work queued there)."""
-        cap = _max_bucket(self.buckets)
-        bufs = [torch.empty(cap, dtype=torch.uint8, device=self.device) for _ in range(min(2, len(self.buckets)))]
+        (the receive that reuses its buffer is ordered after the work queued there). Consume the whole iterator."""
+        buckets = self.plans[min(self.num_receives, 1)]  # chosen now, not at the first next()
+        self.num_receives += 1
+        return self._receive(buckets)
+
+    @torch.no_grad()
+    def _receive(self, buckets: list[list[TensorSpec]]) -> Iterator[tuple[str, torch.Tensor]]:
+        if not buckets:
+            return
+        cap = _max_bucket(buckets)
+        bufs = [torch.empty(cap, dtype=torch.uint8, device=self.device) for _ in range(min(2, len(buckets)))]
         works = [None] * len(bufs)
 
         def post(k: int) -> None:
             slot = k % 2
-            works[slot] = _broadcast(bufs[slot][:bucket_size(self.buckets[k])], src=self.src, group=self.group)
+            works[slot] = _broadcast(bufs[slot][:bucket_size(buckets[k])], src=self.src, group=self.group)
 
         for k in range(len(bufs)):
             post(k)
-        for k, bucket in enumerate(self.buckets):
+        for k, bucket in enumerate(buckets):
             slot = k % 2
             works[slot].wait()
             buf = bufs[slot]
             for spec in bucket:
                 yield spec.name, _view(buf, spec)
-            if k + 2 < len(self.buckets):
+            if k + 2 < len(buckets):
                 post(k + 2)

@@ -55,12 +55,10 @@ def check_dataset(cfg: Config, tokenizer=None) -> str | None:
 
 
 def check_engine(cfg: Config) -> None:
-    """The vLLM engine needs vLLM in this environment (the job runs the same Python)."""
+    """The vLLM engine needs vLLM in this environment (the job runs the same Python). LoRA runs with it too: the
+    trainer sends the merged weights, not the adapters (grpo.vllm_engine says why)."""
     import importlib.util
 
-    if cfg.rollout.engine == "vllm" and cfg.model.lora_rank:
-        raise ConfigError("LoRA with the vLLM engine is not supported yet: vLLM takes adapters only from a folder, "
-                          "and our sync sends tensors; use rollout.engine=native or full fine-tuning")
     if cfg.rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ConfigError("rollout.engine=vllm needs vLLM 0.24 to 0.33 in this environment: pip install -e '.[vllm]' "
                           "(or --set rollout.engine=native)")

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # of a Qwen2 block
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelShape:
     name: str
@@ -42,10 +45,16 @@ class ModelShape:
         return self.layers * self.block_params + self.embed_params
 
     def linear_params(self) -> list[tuple[int, int]]:
-        """(in, out) of each linear layer of one block: what LoRA `all-linear` adapts."""
+        """(in, out) of each linear layer of one block, in LINEAR_NAMES order: what LoRA `all-linear` adapts."""
         kv = self.kv_heads * self.head_dim
         h, i = self.hidden, self.intermediate
         return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+
+    def linear_weights(self, targets: tuple[str, ...] = ()) -> int:
+        """Weight elements of the named linear layers (LINEAR_NAMES; () = all) over every block: what a LoRA run
+        with those targets changes in the merged model."""
+        return self.layers * sum(a * b for name, (a, b) in zip(LINEAR_NAMES, self.linear_params())
+                                 if not targets or name in targets)
 
     def lora_params(self, rank: int) -> int:
         return self.layers * sum(rank * (a + b) for a, b in self.linear_params())

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from grpo.config import Config, ConfigError, derive
 from grpo.tasks import TASKS
 from hpc import memory
-from hpc.models import ModelShape, resolve_shape
+from hpc.models import LINEAR_NAMES, ModelShape, resolve_shape
 
 GPU_MEMORY_GB = {"h100": 80, "h800": 80, "h20": 96, "h200": 141, "a100": 80, "a800": 80, "l40s": 48, "b200": 180}
 
@@ -179,14 +179,34 @@ SYNC_GBPS_NETWORK = 50.0
 
 
 def sync_note(cfg: Config, shape: ModelShape, *, crosses_nodes: bool) -> str:
-    """The expected weight-sync time per step: bf16 weights (or LoRA adapters) over the expected bandwidth."""
-    nbytes = 2 * (shape.lora_params(cfg.model.lora_rank) if cfg.model.lora_rank else shape.params)
+    """The expected weight-sync time per step: bf16 weights over the expected bandwidth. What travels: every weight
+    (full fine-tuning); with LoRA the adapters (native engine) or, for vLLM, the adapted weights merged (the first
+    sync also sends the others once; grpo.vllm_engine says why)."""
+    m, first = cfg.model, ""
+    if m.lora_rank and cfg.rollout.engine == "vllm":
+        nbytes = 2 * shape.linear_weights(lora_targets(m.lora_targets))
+        what = "merged LoRA weights"
+        first = f"; the first sync also sends the other {(2 * shape.params - nbytes) / 1e9:.1f} GB once"
+    elif m.lora_rank:
+        nbytes, what = 2 * shape.lora_params(m.lora_rank), "LoRA adapters"
+    else:
+        nbytes, what = 2 * shape.params, "weights"
     gbps, link = (SYNC_GBPS_NETWORK, "400 Gb/s network, assumed") if crosses_nodes else (SYNC_GBPS_NVLINK,
                                                                                          "NVLink, measured")
-    what = "LoRA adapters" if cfg.model.lora_rank else "weights"
     seconds = nbytes / gbps / 1e9
     took = f"{seconds:.1f} s" if seconds >= 0.1 else f"{seconds * 1e3:.0f} ms"
-    return f"weight sync ~{took} per step ({nbytes / 1e9:.1f} GB of bf16 {what} at {gbps:.0f} GB/s, {link})"
+    return f"weight sync ~{took} per step ({nbytes / 1e9:.1f} GB of bf16 {what} at {gbps:.0f} GB/s, {link}{first})"
+
+
+def lora_targets(spec: str) -> tuple[str, ...]:
+    """model.lora_targets as layer names: () for all-linear."""
+    if spec.strip() == "all-linear":
+        return ()
+    targets = tuple(t.strip() for t in spec.split(",") if t.strip())
+    if not targets or any(t not in LINEAR_NAMES for t in targets):
+        raise ConfigError(f"model.lora_targets={spec!r}: use 'all-linear' or a comma-separated subset of "
+                          f"{', '.join(LINEAR_NAMES)}")
+    return targets
 
 
 def seq_len(cfg: Config) -> int:

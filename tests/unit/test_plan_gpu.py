@@ -123,6 +123,11 @@ def test_known_cards():
 def test_plan_prints_the_expected_sync_time():
     full = plan_job(get_preset("h800x32"))
     lora = plan_job(get_preset("h100x8-lora"))
-    # 72.7 B bf16 weights across nodes at 50 GB/s; the LoRA adapters only (0.8 GB) inside a node at 300 GB/s
+    native_lora = plan_job(preset("h100x2", "model.lora_rank=64"))
+    # 72.7 B bf16 weights across nodes at 50 GB/s
     assert any("weight sync ~2.9 s" in n and "145.4 GB" in n for n in full.notes), full.notes
-    assert any("weight sync ~3 ms" in n and "LoRA adapters" in n for n in lora.notes), lora.notes
+    # vLLM gets LoRA merged: the adapted linears (70.2 B) each step, the other 2.5 B (embeddings, ...) once
+    assert any("weight sync ~0.5 s" in n and "140.4 GB of bf16 merged LoRA weights" in n and "other 5.0 GB once" in n
+               for n in lora.notes), lora.notes
+    # the native engine carries the adapters: only they travel
+    assert any("weight sync ~" in n and "GB of bf16 LoRA adapters" in n for n in native_lora.notes), native_lora.notes

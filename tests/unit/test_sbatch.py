@@ -66,3 +66,36 @@ def test_dry_run_against_a_saved_cluster_prints_the_plan_and_script(tmp_path, ca
     assert "partition h800, nodes g1,g2,g3,g4" in text and "skipped node g0: drained" in text
     assert "#SBATCH --nodelist=g1,g2,g3,g4" in text and "#SBATCH --gres=gpu:h800:8" in text
     assert "dry run: nothing submitted" in text and not out.exists()
+
+
+def test_lora_with_vllm_preset_passes_every_check(tmp_path, capsys, monkeypatch):
+    """h100x8-lora (LoRA + vLLM) is no longer refused: with its model folder, a dataset and vLLM in place, the dry
+    run shows the plan and the merged-weight sync, and no check would refuse the submission."""
+    import importlib.util
+    import json
+
+    from grpo.tiny import build_tokenizer, save_tokenizer
+    from hpc.submit import main
+
+    model = tmp_path / "Qwen2.5-72B-Instruct"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "model_type": "qwen2", "hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64,
+        "num_key_value_heads": 8, "intermediate_size": 29568, "vocab_size": 152064, "tie_word_embeddings": False}))
+    (model / "model.safetensors").write_bytes(b"")  # the checks look for weights, they do not read them
+    save_tokenizer(build_tokenizer(), model)
+    data = Path(__file__).parents[2] / "grpo" / "sample_data" / "train.parquet"
+    saved = tmp_path / "cluster.txt"
+    saved.write_text("NODELIST|PARTITION|STATE|STATECOMPLETE|GRES|GRES_USED|CPUS|MEMORY|AVAIL|TIMELIMIT|REASON\n"
+                     "h1|h100|idle|idle|gpu:h100:8|gpu:h100:0(IDX:N/A)|128|2048000|up|2-00:00:00|none\n")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "vllm" else find_spec(name, *a))
+    out = tmp_path / "runs"
+    argv = ["--preset", "h100x8-lora", "--dry-run", "--cluster-file", str(saved), "--set", f"out_dir={out}",
+            "--set", f"model.path={model}", "--set", f"data.train_path={data}"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "LoRA r=32" in text and "vllm engine" in text and "merged LoRA weights" in text
+    assert "would be refused" not in text, text
+    assert "dry run: nothing submitted" in text and not out.exists()

@@ -124,6 +124,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+STATIC = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")  # as in a LoRA run: first sync only
+
+
 def sync_worker(rank: int, port: int, names_key: str) -> None:
     """rank 0: a trainer process; rank 1: a vLLM worker process (its own world, the stand-in Worker)."""
     from grpo.tiny import build_tiny_model
@@ -133,9 +136,9 @@ def sync_worker(rank: int, port: int, names_key: str) -> None:
     hf = dict(build_tiny_model(seed=0).named_parameters())
     if rank == 0:
         group = StatelessGroup(host="127.0.0.1", port=port, rank=0, world_size=2, backend="gloo")
-        sender = WeightSender(list(hf.items()), group, src=0, bucket_bytes=4096, dtype=torch.bfloat16)
+        sender = WeightSender(list(hf.items()), group, src=0, bucket_bytes=4096, dtype=torch.bfloat16, static=STATIC)
         sender.send()
-        sender.send()  # a second sync over the same group: the receiver is reused
+        sender.send()  # a second sync over the same group: the receiver is reused; the static tensors stay home
         return
     cfg = build_tiny_model(seed=0).config
     head = cfg.hidden_size // cfg.num_attention_heads
@@ -146,21 +149,23 @@ def sync_worker(rank: int, port: int, names_key: str) -> None:
     worker = cls.__new__(cls)  # vLLM never runs the extension's __init__
     worker.device, worker.rank = torch.device("cpu"), 0
     worker.model_runner = types.SimpleNamespace(model=model)
-    specs = WeightSender(list(hf.items()), None, src=0, bucket_bytes=4096, dtype=torch.bfloat16).specs
-    got_rank = worker.grpo_join_weight_sync(specs=[[s.name, list(s.shape), s.dtype] for s in specs],
+    specs = WeightSender(list(hf.items()), None, src=0, bucket_bytes=4096, dtype=torch.bfloat16, static=STATIC).specs
+    got_rank = worker.grpo_join_weight_sync(specs=[[s.name, list(s.shape), s.dtype, s.static] for s in specs],
                                             host="127.0.0.1", port=port, rank_offset=1, world_size=2,
                                             backend="gloo", bucket_bytes=4096)
     assert got_rank == 1
-    for _ in range(2):
-        assert worker.grpo_receive_weights() == len(hf)
+    for first in (True, False):
+        assert worker.grpo_receive_weights() == len(hf) - (0 if first else len(STATIC))
         for name, p in model.params.items():
-            assert not torch.isnan(p).any(), f"{name} not fully loaded"
+            assert torch.isnan(p).any() == (not first and name in STATIC), f"{name} loaded wrongly"
         q, k, v = (hf[f"model.layers.1.self_attn.{x}_proj.weight"].to(torch.bfloat16) for x in "qkv")
         assert torch.equal(model.params["model.layers.1.self_attn.qkv_proj.weight"], torch.cat([q, k, v]))
         gate, up = (hf[f"model.layers.0.mlp.{x}_proj.weight"].to(torch.bfloat16) for x in ("gate", "up"))
         assert torch.equal(model.params["model.layers.0.mlp.gate_up_proj.weight"], torch.cat([gate, up]))
-        assert torch.equal(model.params["lm_head.weight"], hf["lm_head.weight"].to(torch.bfloat16))
-        assert worker.grpo_param_values("model.norm.weight", 2) == hf["model.norm.weight"][:2].bfloat16().tolist()
+        if first:
+            assert torch.equal(model.params["lm_head.weight"], hf["lm_head.weight"].to(torch.bfloat16))
+            norm = hf["model.norm.weight"][:2].bfloat16().tolist()
+            assert worker.grpo_param_values("model.norm.weight", 2) == norm
         for p in model.params.values():
             p.fill_(float("nan"))
 
