@@ -11,6 +11,7 @@ One step:
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import sys
@@ -34,7 +35,7 @@ from grpo.policy import (CausalLMPolicy, build_lm, build_optimizer, build_policy
 from grpo.rollout import NativeEngine
 from grpo.tiny import save_tokenizer
 from grpo.prompts import load_tokenizer, make_source, special_ids
-from grpo.weight_sync import StatelessGroup, WeightReceiver, WeightSender
+from grpo.weight_sync import CudaIpcGroup, StatelessGroup, WeightReceiver, WeightSender
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ def make_groups(roles: Roles) -> Groups:
     train = dist.new_group(roles.trainers)
     train_obj = train if cpu else dist.new_group(roles.trainers, backend="gloo")
     sync = dist.new_group([roles.trainers[0], *roles.rollouts], backend="gloo" if roles.shared_gpu else None)
+    if roles.shared_gpu and roles.device == "cuda":  # NCCL refuses two ranks on one GPU; gloo would go via the host
+        sync = CudaIpcGroup(sync, src=roles.trainers[0])
     return Groups(ctrl, train, train_obj, sync)
 
 
@@ -77,6 +80,8 @@ def run(cfg: Config, roles: Roles, run_dir: str, *, deadline: float | None = Non
     """
     stop.install()
     stop.set_deadline(deadline)
+    if TRACE:  # every rank's Python stacks every 60 s: where a hung job waits
+        faulthandler.dump_traceback_later(60, repeat=True, file=sys.stderr)
     rank = dist.get_rank()
     groups = make_groups(roles)
     device = torch.device(roles.device)
@@ -128,7 +133,12 @@ def rollout_worker(cfg: Config, roles: Roles, groups: Groups, device: torch.devi
         out = None
         if leader:
             mine = prompts[index::len(roles.engine_leaders)]
-            out = engine.generate(mine, cfg.rollout.n, seed=seed * 1000 + index)
+            t0 = time.perf_counter()
+            groups_out = engine.generate(mine, cfg.rollout.n, seed=seed * 1000 + index)
+            stats = {"generate_s": time.perf_counter() - t0}
+            if cfg.rollout.engine == "native":  # vLLM's memory lives in its worker processes
+                stats |= gpu_memory(device)
+            out = (groups_out, stats)
         trace(f"step {seed}: generated")
         dist.gather_object(out, None, dst=roles.trainers[0], group=groups.ctrl)
         load()
@@ -140,6 +150,7 @@ def make_engine(cfg: Config, roles: Roles, device: torch.device):
     group (vLLM starts its worker processes itself, on the devices this process shows it)."""
     pad_id, eos_id = special_ids(load_tokenizer(cfg))
     if cfg.rollout.engine == "native":
+        eos_id = -1 if cfg.rollout.ignore_eos else eos_id  # -1 never matches a sampled id
         return NativeEngine(build_lm(cfg.model, cfg.train.seed, device=device), pad_id=pad_id, eos_id=eos_id,
                             max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature)
     from grpo.vllm_engine import VLLMEngine, VLLMSettings
@@ -153,7 +164,7 @@ def make_engine(cfg: Config, roles: Roles, device: torch.device):
     settings = VLLMSettings(model_path=cfg.model.path, tensor_parallel=roles.tp, max_new_tokens=r.max_new_tokens,
                             temperature=r.temperature, max_model_len=cfg.data.max_prompt_len + r.max_new_tokens,
                             max_num_seqs=r.max_num_seqs, gpu_memory_utilization=r.gpu_memory_utilization,
-                            dtype=cfg.model.dtype, seed=cfg.train.seed)
+                            dtype=cfg.model.dtype, seed=cfg.train.seed, ignore_eos=r.ignore_eos)
     return VLLMEngine(settings)
 
 
@@ -275,7 +286,7 @@ class Trainer:
             if self.driver:
                 row = {"step": step, **info, **{k: float(v) for k, v in stats.items()},
                        "lr": self.sched.get_last_lr()[0], "rollout_s": t1 - t0, "update_s": t2 - t1,
-                       "sync_s": t3 - t2, "step_s": t3 - t0}
+                       "sync_s": t3 - t2, "step_s": t3 - t0, **gpu_memory(self.device, prefix="trainer_")}
                 runlog.append_metrics(self.run_dir, row)
             if step == steps or (every and step % every == 0):
                 self.save(step)
@@ -305,7 +316,11 @@ class Trainer:
             broadcast_obj((prompt_ids, step), src, groups.ctrl)
             gathered = [None] * dist.get_world_size()
             dist.gather_object(None, gathered, dst=src, group=groups.ctrl)
-            groups_out = reassemble([gathered[r] for r in self.roles.engine_leaders], len(items))
+            groups_out = reassemble([gathered[r][0] for r in self.roles.engine_leaders], len(items))
+            engines = [gathered[r][1] for r in self.roles.engine_leaders]
+            info["generate_s"] = max(e["generate_s"] for e in engines)  # the slowest engine sets the pace
+            if "gpu_peak_gib" in engines[0]:
+                info["engine_peak_gib"] = max(e["gpu_peak_gib"] for e in engines)
             rewards = torch.tensor([x.score(self.source.response_text(c))
                                     for x, group in zip(items, groups_out) for c in group], dtype=torch.float32)
             adv = self.advantage_fn()(rewards.to(self.device), cfg.rollout.n, eps=cfg.algo.adv_eps,
@@ -313,7 +328,7 @@ class Trainer:
                                       leave_one_out=cfg.algo.leave_one_out).cpu()
             batch = make_batch(prompt_ids, groups_out, adv, pad_id=special_ids(self.tok)[0])
             lengths = [len(c.token_ids) for group in groups_out for c in group]
-            info = {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),
+            info |= {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),
                     "response_len": sum(lengths) / len(lengths),
                     "stop_frac": sum(c.finish_reason == "stop" for g in groups_out for c in g) / len(lengths)}
         else:
@@ -354,21 +369,24 @@ class Trainer:
         logp, entropy = self.policy(mb.input_ids, mb.attention_mask, mb.loss_mask,
                                     temperature=self.cfg.rollout.temperature)
         width = logp.shape[1]
-        pg, metrics = policy_loss(logp, mb.old_logp[:, :width], mb.advantages, mb.loss_mask, clip_low=algo.clip_low,
+        old = logp.detach() if mb.old_logp is None else mb.old_logp[:, :width]
+        pg, metrics = policy_loss(logp, old, mb.advantages, mb.loss_mask, clip_low=algo.clip_low,
                                   clip_high=algo.clip_high, clip_c=algo.clip_c, agg=algo.agg, **norm)
         ent = agg_loss(entropy, mb.loss_mask, algo.agg, **norm)
         loss, kl = pg - algo.entropy_coef * ent, None
         if self.ref is not None:
             kl = agg_loss(kl_penalty(logp, mb.ref_logp[:, :width], algo.kl_kind), mb.loss_mask, algo.agg, **norm)
             loss = loss + algo.kl_coef * kl
-        return loss, pg, ent, kl, metrics
+        gap = ((logp.detach() - mb.rollout_logp[:, :width]).abs() * mb.loss_mask).sum()
+        return loss, pg, ent, kl, {**metrics, "gap_sum": gap}
 
     def fused_loss(self, mb: Batch, norm: dict):
         """The same loss from kernels.fused_grpo_loss: three [tokens x hidden x vocab] matmuls instead of four, no
         [tokens, vocab] logits kept."""
         algo, width = self.cfg.algo, mb.loss_mask.shape[1]
         scale = kernels.token_weights(mb.loss_mask, algo.agg, **norm)
-        grpo = dict(old_logp=mb.old_logp[:, :width], advantages=mb.advantages[:, None].expand(-1, width),
+        old = None if mb.old_logp is None else mb.old_logp[:, :width]  # None: on-policy, ratio 1
+        grpo = dict(old_logp=old, advantages=mb.advantages[:, None].expand(-1, width),
                     scale=scale, clip_low=algo.clip_low, clip_high=algo.clip_high, clip_c=algo.clip_c,
                     entropy_coef=algo.entropy_coef)
         if self.ref is not None:
@@ -376,15 +394,19 @@ class Trainer:
         loss, stats = self.policy(mb.input_ids, mb.attention_mask, mb.loss_mask,
                                   temperature=self.cfg.rollout.temperature, grpo=grpo)
         metrics = {k: stats[k] for k in ("clipfrac", "clipfrac_lower", "approx_kl")}
+        metrics["gap_sum"] = (stats["logp"] - mb.rollout_logp[:, :width][mb.loss_mask.bool()]).abs().sum()
         kl = stats["kl_loss"] if self.ref is not None else None
         return loss, stats["pg_loss"], stats["entropy_loss"], kl, metrics
 
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        batch.old_logp = self.logprobs(self.policy, batch)
+        # One optimizer step per batch: the policy that sampled is the one being updated, so the old log-probs are
+        # the update pass's own (ratio 1, as TRL does) and their separate forward pass is skipped.
+        on_policy = cfg.train.mini_batches == 1
+        batch.old_logp = None if on_policy else self.logprobs(self.policy, batch)
         if self.ref is not None:
             batch.ref_logp = self.logprobs(self.ref, batch)
-        sums: dict[str, torch.Tensor] = {"skipped_steps": torch.tensor(0.0)}
+        sums: dict[str, torch.Tensor] = {"skipped_steps": torch.zeros((), device=self.device)}
         add = lambda k, v: sums.__setitem__(k, sums.get(k, 0) + v.detach().float())
         size = derive(cfg, self.dp).mini_batch_rows
         for start in range(0, len(batch), size):
@@ -410,6 +432,7 @@ class Trainer:
                 share = mb.loss_mask.sum() / num_tokens * (not empty)  # this micro-batch's share of the tokens
                 add("pg_loss", pg * (not empty))
                 add("entropy", ent * (not empty))
+                add("gap_sum", metrics.pop("gap_sum") * (not empty))
                 for k, v in metrics.items():
                     add(k, v * share)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.train.grad_clip)
@@ -421,7 +444,7 @@ class Trainer:
                 self.bad_steps = 0
             else:
                 self.bad_steps += 1
-                add("skipped_steps", torch.tensor(1.0 / self.dp))
+                add("skipped_steps", torch.full((), 1.0 / self.dp, device=self.device))
                 if self.bad_steps >= cfg.train.max_bad_steps:
                     raise FloatingPointError(
                         f"{self.bad_steps} optimizer steps in a row had a non-finite loss or grad norm; "
@@ -429,13 +452,24 @@ class Trainer:
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
             add("grad_norm", grad_norm / self.dp)
-        add("mismatch_abs", masked_mean((batch.old_logp - batch.rollout_logp).abs(), batch.loss_mask) / self.dp)
+        # trainer vs engine log-probs of the sampled tokens (from the first mini-batch's pass: before any update)
+        gap = masked_mean((batch.old_logp - batch.rollout_logp).abs(), batch.loss_mask) if not on_policy \
+            else sums.pop("gap_sum") / batch.loss_mask.sum().clamp(min=1)
+        sums.pop("gap_sum", None)
+        add("mismatch_abs", gap / self.dp)
         names = sorted(sums)
         stats = torch.stack([sums[k] for k in names])
         if self.dp > 1:
             dist.all_reduce(stats, group=self.groups.train)
         stats[[i for i, k in enumerate(names) if k not in ("mismatch_abs", "skipped_steps")]] /= cfg.train.mini_batches
         return dict(zip(names, stats))
+
+
+def gpu_memory(device: torch.device, prefix: str = "") -> dict:
+    """This process's peak GPU memory so far (what the caching allocator reserved, GiB); nothing on the CPU."""
+    if device.type != "cuda":
+        return {}
+    return {f"{prefix}gpu_peak_gib": torch.cuda.max_memory_reserved(device) / 2**30}
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -84,7 +84,7 @@ class CausalLMPolicy(nn.Module):
         if grpo is not None:
             per_token = {k: v[sel] if torch.is_tensor(v) and v.dim() == 2 else v for k, v in grpo.items()}
             return kernels.fused_grpo_loss(hidden[:, :-1][sel], self.lm.lm_head.weight, input_ids[:, 1:][sel],
-                                           temperature=temperature, mask=torch.ones_like(per_token["old_logp"]),
+                                           temperature=temperature, mask=torch.ones_like(per_token["advantages"]),
                                            **per_token)
         logp, entropy = self.logprob_fn(hidden.device)(
             hidden[:, :-1][sel], self.lm.lm_head.weight, input_ids[:, 1:][sel],

@@ -79,6 +79,7 @@ class VLLMSettings:
     seed: int = 0
     load_format: str = "dummy"  # the trainer pushes the real weights before the first rollout
     enforce_eager: bool = False
+    ignore_eos: bool = False
 
 
 def engine_args(s: VLLMSettings) -> dict:
@@ -100,8 +101,8 @@ def engine_args(s: VLLMSettings) -> dict:
 def sampling_args(s: VLLMSettings, *, n: int, seed: int, index: int) -> dict:
     """Keyword arguments of `vllm.SamplingParams` for prompt `index` of a batch: one request per GRPO group."""
     return dict(n=n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_new_tokens,
-                logprobs=0, seed=seed * 1_000_003 + index * n, detokenize=False,
-                stop_token_ids=list(s.eos_ids) or None)
+                logprobs=0, seed=seed * 1_000_003 + index * n, detokenize=False, ignore_eos=s.ignore_eos,
+                stop_token_ids=None if s.ignore_eos else list(s.eos_ids) or None)
 
 
 def to_completions(outputs) -> list[list[Completion]]:

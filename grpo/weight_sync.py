@@ -143,9 +143,54 @@ class StatelessGroup:
         return self.pg.broadcast([tensor], opts)
 
 
+class CudaIpcGroup:
+    """Weight sync between processes on ONE GPU (a trainer and an engine sharing it), where NCCL refuses two ranks
+    on one device and gloo would take every bucket through host memory (0.9 s for 3 GB, measured on an H200).
+
+    `src` copies each bucket into a CUDA buffer that every receiver has mapped through a CUDA IPC handle (sent once,
+    and again when the buffer grows); a receiver copies it out device to device. `group` (gloo, spanning `src` and
+    the receivers) carries the handshakes: "bucket ready" (with the handle when new), then a barrier, "every
+    receiver has its copy", before the buffer is refilled. Each transfer is complete when `broadcast_from_root`
+    returns, so the two-bucket pipelining of the callers degrades to one bucket at a time: the copies run at device
+    memory speed, so the sync costs milliseconds.
+    """
+
+    def __init__(self, group, *, src: int):
+        self.group, self.src = group, src
+        self.is_src = dist.get_rank() == src
+        self.shared = None
+
+    def broadcast_from_root(self, tensor: torch.Tensor) -> "_Done":
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        nbytes = tensor.numel() * tensor.element_size()
+        flat = tensor.view(-1).view(torch.uint8)
+        box = [None]
+        if self.is_src:
+            if self.shared is None or self.shared.numel() < nbytes:
+                self.shared = torch.empty(nbytes, dtype=torch.uint8, device=tensor.device)
+                box[0] = reduce_tensor(self.shared)
+            self.shared[:nbytes].copy_(flat)
+            torch.cuda.current_stream(tensor.device).synchronize()
+        dist.broadcast_object_list(box, src=self.src, group=self.group)
+        if not self.is_src:
+            if box[0] is not None:
+                rebuild, args = box[0]
+                self.shared = rebuild(*args)
+            flat.copy_(self.shared[:nbytes])
+            torch.cuda.current_stream(tensor.device).synchronize()
+        dist.barrier(group=self.group)
+        return _Done()
+
+
+class _Done:
+    def wait(self) -> None:
+        pass
+
+
 def _broadcast(buf: torch.Tensor, *, src: int, group):
     """Asynchronous broadcast from `src` (a global rank; rank 0 of a StatelessGroup)."""
-    if isinstance(group, StatelessGroup):
+    if isinstance(group, (StatelessGroup, CudaIpcGroup)):
         return group.broadcast_from_root(buf)
     return dist.broadcast(buf, src=src, group=group, async_op=True)
 

@@ -108,7 +108,8 @@ class _FusedGRPOLoss(torch.autograd.Function):
             save = buf[:r1 - r0] if grads else None
             saved = lm.forward_stats(hidden[sl], weight, targets[sl], inv_t, lse[sl], logp[sl], ent[sl], save=save)
             _token_kernel[(triton.cdiv(r1 - r0, block),)](
-                logp[sl], ent[sl], old[sl], ref[sl] if ref is not None else old[sl], adv[sl], mask[sl], scale[sl],
+                logp[sl], ent[sl], logp[sl] if old is None else old[sl], logp[sl] if ref is None else ref[sl],
+                adv[sl], mask[sl], scale[sl],
                 loss_tok[sl], c_lp[sl], c_ent[sl], pg_tok[sl], kl_tok[sl], r1 - r0,
                 cfg["clip_low"], cfg["clip_high"], cfg["clip_c"], cfg["kl_coef"], cfg["entropy_coef"],
                 HAS_REF=ref is not None, KL_KIND=cfg["kl_kind"], BLOCK=block)
@@ -154,7 +155,8 @@ def fused_grpo_loss(hidden, weight, targets, *, old_logp, advantages, mask, scal
         hidden: [N, H] bfloat16 or float32, CUDA (CPU only under TRITON_INTERPRET=1); one row per response token.
         weight: [V, H] LM head, same dtype.
         targets: [N] int64/int32 sampled token ids.
-        old_logp, advantages, mask: [N] (treated as constants; mask may be bool or float).
+        old_logp, advantages, mask: [N] (treated as constants; mask may be bool or float). old_logp None: the
+            policy that sampled is this one (one optimizer step per batch): old = this pass's logp, ratio 1.
         scale: the loss aggregation constant: a float, 0-dim tensor or [N] tensor multiplying each token's loss.
             None means token-mean over the local mask, 1 / max(sum(mask), 1). For verl's modes with global
             counts (gradient accumulation, data parallelism) use `token_weights(...)`, flattened like the tokens.
@@ -180,7 +182,7 @@ def fused_grpo_loss(hidden, weight, targets, *, old_logp, advantages, mask, scal
         raise ValueError(f"{name}: unknown kl_kind {kl_kind!r}; valid kinds: {', '.join(KL_KINDS)}")
     if ref_logp is None and kl_coef != 0:
         raise ValueError(f"{name}: kl_coef={kl_coef} needs ref_logp; pass the reference log-probs or kl_coef=0")
-    old = _per_token(old_logp, n, "old_logp")
+    old = None if old_logp is None else _per_token(old_logp, n, "old_logp")
     adv = _per_token(advantages, n, "advantages")
     m = _per_token(mask, n, "mask")
     ref = None if ref_logp is None else _per_token(ref_logp, n, "ref_logp")
@@ -192,7 +194,7 @@ def fused_grpo_loss(hidden, weight, targets, *, old_logp, advantages, mask, scal
         scale = _per_token(scale.to(hidden.device), n, "scale")
     else:
         scale = torch.full((n,), float(scale), device=hidden.device, dtype=torch.float32)
-    lm.check_device(hidden, old, adv, m, scale, *([] if ref is None else [ref]), name=name)
+    lm.check_device(hidden, adv, m, scale, *(t for t in (old, ref) if t is not None), name=name)
     cfg = dict(clip_low=float(clip_low), clip_high=float(clip_high), clip_c=float(clip_c), kl_coef=float(kl_coef),
                kl_kind=KL_KINDS[kl_kind], entropy_coef=float(entropy_coef), temperature=float(temperature))
     grad_on = torch.is_grad_enabled()
@@ -205,7 +207,7 @@ def fused_grpo_loss(hidden, weight, targets, *, old_logp, advantages, mask, scal
         w = torch.where(active, m * scale, 0.0)
         zero = torch.zeros((), device=hidden.device)
         count = active.sum().clamp(min=1)
-        neg_kl = (logp - old).clamp(-20.0, 20.0)
+        neg_kl = torch.zeros_like(logp) if old is None else (logp - old).clamp(-20.0, 20.0)
         ratio = torch.exp(neg_kl)
         l1, l2 = -adv * ratio, -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
         clipped = torch.maximum(l1, l2)

@@ -175,6 +175,23 @@ else:
             torch.testing.assert_close(st[k].double(), metrics[k], rtol=1e-5, atol=1e-6, msg=k)
         assert st["logp"].shape == st["entropy"].shape == st["pg"].shape == st["kl"].shape == (21,)
 
+    def test_fused_grpo_loss_on_policy_without_old_logp():
+        """old_logp=None (one optimizer step per batch): the float64 reference with old = the policy's own log-probs,
+        ratio 1 everywhere, so no clipping; gradients flow through the ratio."""
+        hidden, weight, targets, _, ref, adv, mask = _grpo_case(14, 3, 7, 70, 24, torch.float32)
+        loss, st = fused_grpo_loss(hidden, weight, targets, old_logp=None, advantages=adv, mask=mask.flatten(),
+                                   ref_logp=ref, kl_coef=0.1, entropy_coef=0.02, temperature=0.8)
+        loss.backward()
+        own = _ref64(hidden, weight, targets, 0.8)[0].detach().float()
+        ref_loss, metrics, h64, w64 = _grpo_ref64(hidden, weight, targets, own, ref, adv, mask, agg="token-mean",
+                                                  kl_kind="low_var_kl", kl_coef=0.1, ent_coef=0.02, clip_c=3.0)
+        ref_loss.backward()
+        torch.testing.assert_close(loss.double(), ref_loss.detach(), rtol=1e-5, atol=1e-6)
+        _close(hidden.grad, h64.grad, torch.float32, what="d_hidden")
+        _close(weight.grad, w64.grad, torch.float32, what="d_weight")
+        assert float(st["clipfrac"]) == 0 and float(st["approx_kl"]) == 0
+        assert hidden.grad.abs().sum() > 0
+
     def test_fused_grpo_loss_hits_dual_clip_and_reports_terms():
         hidden, weight, targets, old, ref, adv, mask = _grpo_case(12, 4, 9, 50, 16, torch.float32)
         loss, st = fused_grpo_loss(hidden, weight, targets, old_logp=old, advantages=adv, mask=mask.flatten(),
