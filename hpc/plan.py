@@ -182,20 +182,22 @@ def sync_note(cfg: Config, shape: ModelShape, *, crosses_nodes: bool) -> str:
     """The expected weight-sync time per step: bf16 weights over the expected bandwidth. What travels: every weight
     (full fine-tuning); with LoRA the adapters (native engine) or, for vLLM, the adapted weights merged (the first
     sync also sends the others once; grpo.vllm_engine says why)."""
-    m, first = cfg.model, ""
+    m, extra = cfg.model, ""
     if m.lora_rank and cfg.rollout.engine == "vllm":
         nbytes = 2 * shape.linear_weights(lora_targets(m.lora_targets))
         what = "merged LoRA weights"
-        first = f"; the first sync also sends the other {(2 * shape.params - nbytes) / 1e9:.1f} GB once"
+        extra = f"; the first sync also sends the other {(2 * shape.params - nbytes) / 1e9:.1f} GB once"
     elif m.lora_rank:
         nbytes, what = 2 * shape.lora_params(m.lora_rank), "LoRA adapters"
     else:
         nbytes, what = 2 * shape.params, "weights"
     gbps, link = (SYNC_GBPS_NETWORK, "400 Gb/s network, assumed") if crosses_nodes else (SYNC_GBPS_NVLINK,
                                                                                          "NVLink, measured")
+    if m.param_offload and (m.lora_rank == 0 or cfg.rollout.engine == "vllm"):  # the base shards live on the host
+        extra += "; not counted: the trainers first copy their offloaded shards of it to their GPUs (PCIe)"
     seconds = nbytes / gbps / 1e9
     took = f"{seconds:.1f} s" if seconds >= 0.1 else f"{seconds * 1e3:.0f} ms"
-    return f"weight sync ~{took} per step ({nbytes / 1e9:.1f} GB of bf16 {what} at {gbps:.0f} GB/s, {link}{first})"
+    return f"weight sync ~{took} per step ({nbytes / 1e9:.1f} GB of bf16 {what} at {gbps:.0f} GB/s, {link}{extra})"
 
 
 def lora_targets(spec: str) -> tuple[str, ...]:
