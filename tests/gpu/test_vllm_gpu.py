@@ -170,7 +170,9 @@ def test_vllm_engine_synced_through_our_protocol(tmp_path, layout):
             stats["equal_to_trainer_greedy"] = [g[0].token_ids for g in greedy] == [m[0].token_ids for m in mine]
             result[f"greedy_round{round_}"] = stats
             assert [g[0].token_ids for g in greedy] != [d[0].token_ids for d in dummy]
-            assert stats["worst_argmax_gap"] < 0.05, stats  # a different token only at a bf16 near-tie
+            # vLLM may take another token only where the trainer's top two are closer than bf16 noise (the trainer's own
+            # bf16 log-prob error against float32, measured on the same tokens; 0.0625 seen on an H200)
+            assert stats["worst_argmax_gap"] <= stats["trainer_bf16_vs_fp32_max"] + 0.02, stats
             assert_within_bf16_noise(stats)
             dummy = greedy
         engine.settings.temperature = 1.0

@@ -164,7 +164,9 @@ def test_lora_merged_weights_in_vllm(tmp_path, layout):
             stats["differs_from_previous"] = greedy_tokens(greedy) != previous
             result[f"greedy_round{round_}"] = stats
             assert stats["differs_from_previous"], "the merged weights did not change the engine's output"
-            assert stats["worst_argmax_gap"] < 0.05, stats  # a different token only at a bf16 near-tie
+            # vLLM may take another token only where the trainer's top two are closer than bf16 noise (the trainer's own
+            # bf16 log-prob error against float32, measured on the same tokens; 0.0625 seen on an H200)
+            assert stats["worst_argmax_gap"] <= stats["trainer_bf16_vs_fp32_max"] + 0.02, stats
             assert_within_bf16_noise(stats)
             previous = greedy_tokens(greedy)
             del ref
