@@ -466,10 +466,12 @@ class Trainer:
 
 
 def gpu_memory(device: torch.device, prefix: str = "") -> dict:
-    """This process's peak GPU memory so far (what the caching allocator reserved, GiB); nothing on the CPU."""
+    """This process's peak GPU memory so far, GiB: what the caching allocator reserved and what tensors took (the
+    memory model predicts the latter); nothing on the CPU."""
     if device.type != "cuda":
         return {}
-    return {f"{prefix}gpu_peak_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+    return {f"{prefix}gpu_peak_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+            f"{prefix}gpu_peak_alloc_gib": torch.cuda.max_memory_allocated(device) / 2**30}
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -73,7 +73,8 @@ def summarise(run_dir: Path, args, wall: float) -> dict:
            **{key: median(key) for key in SPLIT}, "gen_tok_s_step": tokens / step,
            "response_len": median("response_len"),
            "trainer_gpu_peak_gib": max((r.get("trainer_gpu_peak_gib", 0) for r in rows), default=0),
-           "engine_gpu_peak_gib": max((r.get("engine_peak_gib", 0) for r in rows), default=0)}
+           "engine_gpu_peak_gib": max((r.get("engine_peak_gib", 0) for r in rows), default=0),
+           "trainer_gpu_peak_alloc_gib": max((r.get("trainer_gpu_peak_alloc_gib", 0) for r in rows), default=0)}
     if out["generate_s"]:
         out["gen_tok_s_generate"] = tokens / out["generate_s"]
     if torch.cuda.is_available():
@@ -89,7 +90,9 @@ def report(ours: dict, trl: dict | None) -> None:
             ("generation s", ours["generate_s"], trl and trl.get("generate_s")),
             ("update s (old/ref log-probs, loss, backward, AdamW)", ours["update_s"], None),
             ("weight sync s", ours["sync_s"], None),
-            ("peak GiB: trainer / engine", f"{ours['trainer_gpu_peak_gib']:.1f} / {ours['engine_gpu_peak_gib']:.1f}",
+            ("peak GiB reserved: trainer / engine", f"{ours['trainer_gpu_peak_gib']:.1f} / "
+             f"{ours['engine_gpu_peak_gib']:.1f}", None),
+            ("peak GiB allocated: trainer", f"{ours['trainer_gpu_peak_alloc_gib']:.1f}",
              trl and trl.get("peak_gib"))]
     for name, a, b in rows:
         fa = a if isinstance(a, str) else f"{a:,.2f}" if a is not None else "-"
