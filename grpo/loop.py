@@ -30,7 +30,7 @@ from grpo.batch import Batch, make_batch, split_by_tokens
 from grpo.config import Config, derive
 from grpo.export import export_hf
 from grpo.loss import agg_loss, kl_penalty, policy_loss
-from grpo.policy import (CausalLMPolicy, build_lm, build_optimizer, build_policy, build_reference, load_adapter_weights,
+from grpo.policy import (CausalLMPolicy, MergedAdapters, build_lm, build_optimizer, build_policy, build_reference,
                          sync_named_tensors)
 from grpo.rollout import NativeEngine
 from grpo.tiny import save_tokenizer
@@ -181,7 +181,8 @@ def connect_engine(cfg: Config, roles: Roles, groups: Groups, engine, specs, add
     receiver = WeightReceiver(specs, groups.sync, src=roles.trainers[0], bucket_bytes=bucket_bytes, device=device)
     # full fine-tuning sends every weight; LoRA sends the adapters (the base was loaded from the same checkpoint)
     if cfg.model.lora_rank:
-        return lambda: load_adapter_weights(engine.model, receiver.receive())
+        merged = MergedAdapters(engine.model)
+        return lambda: merged.load(receiver.receive())
     return lambda: engine.load_weights(receiver.receive())
 
 

@@ -366,6 +366,30 @@ def load_adapter_weights(lm: nn.Module, weights: Iterable[tuple[str, torch.Tenso
     return count
 
 
+class MergedAdapters:
+    """The native engine's side of a LoRA run: adapters arrive (`load_adapter_weights`), and generation runs on
+    W0 + (alpha/r) B A merged into each adapted linear, through peft's merged path (the base layer alone), instead of
+    the two extra small matmuls per linear of peft's unmerged forward (about 2x the decode time measured at 1.5B).
+    The merge starts from a kept copy of the loaded base W0 each time, so no rounding accumulates over syncs; the
+    copy costs the adapted weights' bytes once more (the native engine serves small models; vLLM merges on the
+    trainers instead)."""
+
+    def __init__(self, lm: nn.Module):
+        self.lm = lm
+        self.layers = lora_layers(lm)
+        self.base = [m.base_layer.weight.detach().clone() for m in self.layers]
+
+    @torch.no_grad()
+    def load(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
+        count = load_adapter_weights(self.lm, weights)
+        for module, w0 in zip(self.layers, self.base):
+            a, b = module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight
+            weight = module.base_layer.weight
+            weight.copy_(torch.addmm(w0.float(), b.float(), a.float(), alpha=module.scaling[ADAPTER]))
+            module.merged_adapters = [ADAPTER]  # peft's forward now calls the base layer alone
+        return count
+
+
 # ------------------------------------------------------------------------------------------------------- building
 
 def build_lm(cfg: ModelConfig, seed: int, *, device: torch.device | str = "cpu") -> nn.Module:
