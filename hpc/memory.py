@@ -82,14 +82,17 @@ def trainer_memory(shape: ModelShape, *, gpus: int, tokens_per_micro_batch: int,
 
 
 def rollout_memory(shape: ModelShape, *, tp: int, card_gb: float, utilization: float, seq_len: int,
-                   max_num_seqs: int) -> tuple[Estimate, int]:
+                   max_num_seqs: int, lora_rank: int = 0, lora_base_copy: int = 0) -> tuple[Estimate, int]:
     """Memory of one GPU of an engine with tensor parallelism `tp`, and how many full sequences its KV cache holds.
 
     Like vLLM, the engine takes `utilization` of the card; what the weights and overheads leave is KV cache, up to
-    what `max_num_seqs` sequences of `seq_len` tokens need.
+    what `max_num_seqs` sequences of `seq_len` tokens need. The native engine of a LoRA run holds float32 adapters
+    (`lora_rank`) and a bf16 copy of the adapted base weights (`lora_base_copy` elements) to merge them into.
     """
     est = Estimate("rollout")
     est.gpu["weights (bf16)"] = 2 * shape.params / tp / GB
+    if lora_rank:
+        est.gpu["LoRA adapters + base copy"] = (4 * shape.lora_params(lora_rank) + 2 * lora_base_copy) / tp / GB
     est.gpu["activations + CUDA graphs"] = ENGINE_OVERHEAD_GB
     est.gpu["CUDA context"] = CUDA_CONTEXT_GB
     per_seq = seq_len * shape.kv_bytes_per_token() / tp / GB

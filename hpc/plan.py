@@ -231,8 +231,11 @@ def pick_tp(cfg: Config, shape: ModelShape, card: float) -> tuple[int, memory.Es
         if per_node % tp:
             raise ConfigError(f"rollout.tensor_parallel={tp} must divide job.gpus_per_node={per_node}: "
                               "an engine stays inside one node")
-        est, seqs = memory.rollout_memory(shape, tp=tp, card_gb=card, utilization=r.gpu_memory_utilization,
-                                          seq_len=seq_len(cfg), max_num_seqs=r.max_num_seqs)
+        lora = cfg.model.lora_rank if r.engine == "native" else 0  # vLLM takes merged weights: no adapters there
+        est, seqs = memory.rollout_memory(
+            shape, tp=tp, card_gb=card, utilization=r.gpu_memory_utilization, seq_len=seq_len(cfg),
+            max_num_seqs=r.max_num_seqs, lora_rank=lora,
+            lora_base_copy=shape.linear_weights(lora_targets(cfg.model.lora_targets)) if lora else 0)
         if seqs >= need:
             return tp, est, seqs
     raise ConfigError(

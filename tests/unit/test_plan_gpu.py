@@ -131,3 +131,19 @@ def test_plan_prints_the_expected_sync_time():
                and "not counted" in n and "offloaded" in n for n in lora.notes), lora.notes  # the preset offloads
     # the native engine carries the adapters: only they travel
     assert any("weight sync ~" in n and "GB of bf16 LoRA adapters" in n for n in native_lora.notes), native_lora.notes
+
+
+def test_native_lora_engine_counts_adapters_and_base_copy():
+    """The native engine merges LoRA adapters into a kept copy of the adapted base weights; vLLM gets merged weights
+    from the trainers and holds neither."""
+    full = plan_job(preset("h100x2", "data.task=repeat"))
+    lora = plan_job(preset("h100x2", "data.task=repeat", "model.lora_rank=32"))
+    attn = plan_job(preset("h100x2", "data.task=repeat", "model.lora_rank=32", "model.lora_targets=q_proj,v_proj"))
+    term = "LoRA adapters + base copy"
+    assert term not in full.memory_table and term in lora.memory_table
+    shape = CATALOGUE["Qwen2.5-1.5B"]
+    est, _ = memory.rollout_memory(shape, tp=1, card_gb=80, utilization=0.85, seq_len=640, max_num_seqs=64,
+                                   lora_rank=32, lora_base_copy=shape.linear_weights())
+    assert est.gpu[term] * 1e9 == pytest.approx(4 * shape.lora_params(32) + 2 * shape.linear_weights())
+    assert est.gpu[term] > 0.9 * 2 * shape.linear_weights() / 1e9  # the base copy dominates
+    assert attn.memory_table != lora.memory_table
