@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from grpo.policy import (ADAPTER, CausalLMPolicy, adapter_named_parameters, gather_full, hf_name, is_adapter,
-                         sharded_named_parameters)
+                         lora_merge, sharded_named_parameters)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja")
@@ -41,10 +41,9 @@ def iter_full_state(policy: CausalLMPolicy, *, merge_lora: bool = True, dtype: t
         full = gather_full(p)
         if merge_lora and policy.lora is not None and name.endswith(".base_layer.weight"):
             module = name.removesuffix(".base_layer.weight")
-            a = gather_full(params[f"{module}.lora_A.{ADAPTER}.weight"]).float()
-            b = gather_full(params[f"{module}.lora_B.{ADAPTER}.weight"]).float()
-            full = torch.addmm(full.float(), b.to(full.device), a.to(full.device), alpha=policy.lora.scaling
-                               ).to(full.dtype)
+            a = gather_full(params[f"{module}.lora_A.{ADAPTER}.weight"]).to(full.device)
+            b = gather_full(params[f"{module}.lora_B.{ADAPTER}.weight"]).to(full.device)
+            full = lora_merge(full, b, a, policy.lora.scaling).to(full.dtype)
         yield hf_name(name), (full if dtype is None else full.to(dtype))
 
 

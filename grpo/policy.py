@@ -385,7 +385,7 @@ class MergedAdapters:
         for module, w0 in zip(self.layers, self.base):
             a, b = module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight
             weight = module.base_layer.weight
-            weight.copy_(torch.addmm(w0.float(), b.float(), a.float(), alpha=module.scaling[ADAPTER]))
+            weight.copy_(lora_merge(w0, b, a, module.scaling[ADAPTER]))
             module.merged_adapters = [ADAPTER]  # peft's forward now calls the base layer alone
         return count
 
@@ -538,6 +538,11 @@ def merged_named_tensors(policy: CausalLMPolicy) -> list[tuple[str, torch.Tensor
 
 
 @torch.no_grad()
+def lora_merge(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W + scaling * B @ A in float32 (the one merge formula: sync to vLLM, the native engine, export)."""
+    return torch.addmm(w.float(), b.float(), a.float(), alpha=scaling)
+
+
 def merge_rows(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """This rank's rows of W + scaling * B @ A (computed in float32, returned in W's dtype and sharding, on the mesh's
     device). W [out, in] and B [out, r] are row-sharded alike, so B's local rows give W's; A [r, in] is gathered
@@ -547,7 +552,7 @@ def merge_rows(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float
     device = a_full.device  # the mesh's: offloaded host shards are merged on the GPU
     w_local = local_of(w).to(device, non_blocking=True).float()
     b_local = local_of(b).to(device, non_blocking=True).float()
-    merged = torch.addmm(w_local, b_local, a_full, alpha=scaling).to(w.dtype)
+    merged = lora_merge(w_local, b_local, a_full, scaling).to(w.dtype)
     if isinstance(w, DTensor):
         return DTensor.from_local(merged, w.device_mesh, w.placements, run_check=False, shape=w.shape,
                                   stride=w.stride())
