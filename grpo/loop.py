@@ -330,8 +330,8 @@ class Trainer:
             batch = make_batch(prompt_ids, groups_out, adv, pad_id=special_ids(self.tok)[0])
             lengths = [len(c.token_ids) for group in groups_out for c in group]
             info |= {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),
-                    "response_len": sum(lengths) / len(lengths),
-                    "stop_frac": sum(c.finish_reason == "stop" for g in groups_out for c in g) / len(lengths)}
+                     "response_len": sum(lengths) / len(lengths),
+                     "stop_frac": sum(c.finish_reason == "stop" for g in groups_out for c in g) / len(lengths)}
         else:
             broadcast_obj(None, src, groups.ctrl)
             dist.gather_object(None, None, dst=src, group=groups.ctrl)
@@ -453,10 +453,10 @@ class Trainer:
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
             add("grad_norm", grad_norm / self.dp)
-        # trainer vs engine log-probs of the sampled tokens (from the first mini-batch's pass: before any update)
-        gap = masked_mean((batch.old_logp - batch.rollout_logp).abs(), batch.loss_mask) if not on_policy \
-            else sums.pop("gap_sum") / batch.loss_mask.sum().clamp(min=1)
-        sums.pop("gap_sum", None)
+        # trainer vs engine log-probs of the sampled tokens under the weights that sampled them
+        gap_sum = sums.pop("gap_sum")
+        gap = (gap_sum / batch.loss_mask.sum().clamp(min=1) if on_policy
+               else masked_mean((batch.old_logp - batch.rollout_logp).abs(), batch.loss_mask))
         add("mismatch_abs", gap / self.dp)
         names = sorted(sums)
         stats = torch.stack([sums[k] for k in names])

@@ -95,3 +95,16 @@ def test_triton_kernels_in_the_loop_match_the_torch_references(tmp_path, monkeyp
         runs.append([[r[k] for k in keys] for r in rows])
     for a, b in zip(*runs):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-5), (keys, a, b)
+
+
+def test_old_log_probs_pass_only_with_several_mini_batches(tmp_path):
+    """One optimizer step per batch: the old log-probs are the update pass's own, so the ratio is exactly 1 (no
+    clipping, zero approximate KL). Several mini-batches: the separate old pass runs, and later mini-batches see the
+    policy move (ratio != 1). Either way the engine's log-probs match the trainer's before the update."""
+    _, one = submit(tmp_path / "one", "train.steps=6")
+    _, four = submit(tmp_path / "four", "train.steps=6", "train.mini_batches=4")
+    one, _, _ = first_last(one)
+    four, _, _ = first_last(four)
+    assert all(r["clipfrac"] == 0 and r["approx_kl"] == 0 for r in one)
+    assert any(r["approx_kl"] != 0 for r in four) and max(r["clipfrac"] for r in four) > 0
+    assert max(r["mismatch_abs"] for r in one + four) < 1e-4
