@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from grpo.config import Config
+from grpo.data import load_pretrained_tokenizer
 from grpo.rollout import Completion
 
 
@@ -25,27 +26,6 @@ def load_tokenizer(cfg: Config):
 
         return build_tokenizer()
     return load_pretrained_tokenizer(cfg.model.path)
-
-
-# the classes transformers writes for a tokenizer that is a plain `tokenizers` model (no model-specific Python class)
-PLAIN_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
-
-
-def load_pretrained_tokenizer(path):
-    """The tokenizer of a Hugging Face folder. A plain `tokenizers` tokenizer saved beside a model config loads as
-    itself: transformers 5's AutoTokenizer would take the model type's class (Qwen2Tokenizer, byte-level), which
-    silently encodes a word-level vocabulary to nothing."""
-    import json
-    from pathlib import Path
-
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    path = Path(path).expanduser()
-    config = path / "tokenizer_config.json"
-    declared = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
-    if declared in PLAIN_TOKENIZER_CLASSES and (path / "tokenizer.json").is_file():
-        return PreTrainedTokenizerFast.from_pretrained(str(path))
-    return AutoTokenizer.from_pretrained(str(path))
 
 
 def special_ids(tokenizer) -> tuple[int, int]:

@@ -70,7 +70,7 @@ def check_inputs(cfg: Config) -> list[str]:
     check_model(cfg)
     tokenizer = None
     if cfg.data.task == "dataset" and cfg.model.path != "tiny":
-        from grpo.prompts import load_pretrained_tokenizer
+        from grpo.data import load_pretrained_tokenizer
 
         try:
             tokenizer = load_pretrained_tokenizer(cfg.model.path)

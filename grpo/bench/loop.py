@@ -35,7 +35,8 @@ def prepare(work: Path, args) -> tuple[Path, Path]:
     model = work / f"model-{args.shapes}"
     if not (model / "tokenizer.json").is_file():
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        print(f"writing a random {args.shapes} checkpoint to {model} ({write_model_folder(model, args.shapes, device=device):.1f} s)")
+        took = write_model_folder(model, args.shapes, device=device)
+        print(f"wrote a random {args.shapes} checkpoint to {model} ({took:.1f} s)")
     prompts = work / f"prompts-{args.prompt_len}.jsonl"
     write_prompts(prompts, num=max(64, 4 * args.prompts), length=args.prompt_len,
                   vocab_size=SHAPES[args.shapes]["vocab_size"])

@@ -114,22 +114,19 @@ def assert_within_bf16_noise(stats: dict) -> None:
     assert stats["vllm_vs_fp32_mean"] <= 2 * stats["trainer_bf16_vs_fp32_mean"] + 0.005, stats
 
 
-@pytest.mark.parametrize("layout", ["1gpu-gloo", "2gpu-nccl"])
-def test_vllm_engine_synced_through_our_protocol(tmp_path, layout):
-    from grpo.rollout import NativeEngine
-    from grpo.vllm_engine import VLLMEngine, VLLMSettings
-    from grpo.weight_sync import WeightSender
-
-    if layout == "2gpu-nccl" and NUM_GPUS < 2:
-        pytest.skip("needs 2 GPUs")
+def vllm_test_env() -> None:
+    """No telemetry or downloads; vLLM's worker processes import our worker extension from this checkout."""
     for k, v in {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
                  "TOKENIZERS_PARALLELISM": "false", "VLLM_USE_FLASHINFER_SAMPLER": "0"}.items():
         os.environ.setdefault(k, v)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__import__("grpo").__file__)))
     os.environ["PYTHONPATH"] = os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])  # the extension's import
-    ckpt = str(tmp_path / "tiny-qwen2")
-    write_checkpoint(ckpt)
-    trainer = trainer_model(seed=1)  # CUDA is up in this process before the engine's GPU is chosen
+
+
+def start_engine(ckpt: str, layout: str):
+    """A greedy vLLM engine on GPU 0 beside the trainer (sync over gloo) or on GPU 1 (NCCL): (engine, backend)."""
+    from grpo.vllm_engine import VLLMEngine, VLLMSettings
+
     backend, gpu = ("gloo", "0") if layout == "1gpu-gloo" else ("nccl", "1")
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # read by vLLM's worker process only
@@ -141,6 +138,21 @@ def test_vllm_engine_synced_through_our_protocol(tmp_path, layout):
             os.environ.pop("CUDA_VISIBLE_DEVICES")
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    return engine, backend
+
+
+@pytest.mark.parametrize("layout", ["1gpu-gloo", "2gpu-nccl"])
+def test_vllm_engine_synced_through_our_protocol(tmp_path, layout):
+    from grpo.rollout import NativeEngine
+    from grpo.weight_sync import WeightSender
+
+    if layout == "2gpu-nccl" and NUM_GPUS < 2:
+        pytest.skip("needs 2 GPUs")
+    vllm_test_env()
+    ckpt = str(tmp_path / "tiny-qwen2")
+    write_checkpoint(ckpt)
+    trainer = trainer_model(seed=1)  # CUDA is up in this process before the engine's GPU is chosen
+    engine, backend = start_engine(ckpt, layout)
     result = {"layout": layout, "vllm": engine._vllm.__version__, "card": torch.cuda.get_device_name(0)}
     try:
         dummy = engine.generate(PROMPTS, n=1, seed=0)  # also fills the prefix cache with the dummy weights' KV

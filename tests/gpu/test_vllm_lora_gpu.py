@@ -18,7 +18,8 @@ import threading
 import pytest
 import torch
 
-from test_vllm_gpu import EOS, NEW, PROMPTS, assert_within_bf16_noise, compare, free_port, write_checkpoint
+from test_vllm_gpu import (EOS, NEW, PROMPTS, assert_within_bf16_noise, compare, free_port, start_engine,
+                           vllm_test_env, write_checkpoint)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
@@ -93,16 +94,11 @@ def test_lora_merged_weights_in_vllm(tmp_path, layout):
     from grpo.config import ModelConfig
     from grpo.policy import build_policy, sync_named_tensors
     from grpo.rollout import NativeEngine
-    from grpo.vllm_engine import VLLMEngine, VLLMSettings
     from grpo.weight_sync import WeightSender
 
     if layout == "2gpu-nccl" and NUM_GPUS < 2:
         pytest.skip("needs 2 GPUs")
-    for k, v in {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
-                 "TOKENIZERS_PARALLELISM": "false", "VLLM_USE_FLASHINFER_SAMPLER": "0"}.items():
-        os.environ.setdefault(k, v)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__import__("grpo").__file__)))
-    os.environ["PYTHONPATH"] = os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])  # the extension's import
+    vllm_test_env()
     ckpt = str(tmp_path / "tiny-qwen2")
     write_checkpoint(ckpt)
     device = torch.device("cuda:0")
@@ -126,18 +122,7 @@ def test_lora_merged_weights_in_vllm(tmp_path, layout):
         norm = base.model.norm.weight.float().tolist()
         del base
 
-        backend, gpu = ("gloo", "0") if layout == "1gpu-gloo" else ("nccl", "1")
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # read by vLLM's worker process only
-        try:
-            engine = VLLMEngine(VLLMSettings(model_path=ckpt, max_new_tokens=NEW, max_model_len=256,
-                                             temperature=0.0, gpu_memory_utilization=0.25, enforce_eager=True,
-                                             max_num_seqs=64))
-        finally:
-            if visible is None:
-                os.environ.pop("CUDA_VISIBLE_DEVICES")
-            else:
-                os.environ["CUDA_VISIBLE_DEVICES"] = visible
+        engine, backend = start_engine(ckpt, layout)
         result["vllm"] = engine._vllm.__version__
         port, groups, previous = free_port(), {}, base_greedy
         for round_ in range(2):

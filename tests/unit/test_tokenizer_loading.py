@@ -4,8 +4,7 @@ take Qwen2's byte-level class and encode a word-level vocabulary to nothing)."""
 from transformers import Qwen2Config
 
 from grpo.bench.assets import write_prompts, write_word_tokenizer
-from grpo.data import read_rows
-from grpo.prompts import load_pretrained_tokenizer
+from grpo.data import load_pretrained_tokenizer, read_rows
 
 
 def test_word_level_tokenizer_beside_a_qwen2_config(tmp_path):
