@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="GRPO training of 70B-class language models on Slurm: FSDP2 trainers, vLLM rollouts, no Ray",
     python_requires=">=3.10",
-    packages=find_packages(include=["hpc", "hpc.*", "grpo", "grpo.*", "kernels", "kernels.*"]),
+    packages=find_packages(include=["hpc", "hpc.*", "grpo", "grpo.*", "grpo_kernels", "grpo_kernels.*"]),
     package_data={"grpo": ["sample_data/*"]},
     install_requires=[
         "torch>=2.6,<2.15",

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-import kernels
-from kernels import group_advantage_ref
+import grpo_kernels
+from grpo_kernels import group_advantage_ref
 from grpo import checkpoint, runlog, stop
 from grpo.batch import Batch, make_batch, split_by_tokens
 from grpo.config import Config, derive
@@ -243,9 +243,9 @@ class Trainer:
 
     def advantage_fn(self):
         mode = self.cfg.algo.kernels
-        if mode == "torch" or (mode == "auto" and not kernels.triton_available(self.device)):
+        if mode == "torch" or (mode == "auto" and not grpo_kernels.triton_available(self.device)):
             return group_advantage_ref
-        return kernels.group_advantage
+        return grpo_kernels.group_advantage
 
     def state(self) -> dict:
         """What the driver adds to a checkpoint: enough to continue as if never interrupted."""
@@ -382,10 +382,10 @@ class Trainer:
         return loss, pg, ent, kl, {**metrics, "gap_sum": gap}
 
     def fused_loss(self, mb: Batch, norm: dict):
-        """The same loss from kernels.fused_grpo_loss: three [tokens x hidden x vocab] matmuls instead of four, no
+        """The same loss from grpo_kernels.fused_grpo_loss: three [tokens x hidden x vocab] matmuls instead of four, no
         [tokens, vocab] logits kept."""
         algo, width = self.cfg.algo, mb.loss_mask.shape[1]
-        scale = kernels.token_weights(mb.loss_mask, algo.agg, **norm)
+        scale = grpo_kernels.token_weights(mb.loss_mask, algo.agg, **norm)
         old = None if mb.old_logp is None else mb.old_logp[:, :width]  # None: on-policy, ratio 1
         grpo = dict(old_logp=old, advantages=mb.advantages[:, None].expand(-1, width),
                     scale=scale, clip_low=algo.clip_low, clip_high=algo.clip_high, clip_c=algo.clip_c,

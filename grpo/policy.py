@@ -28,8 +28,8 @@ from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-import kernels
-from kernels import fused_logprob_ref
+import grpo_kernels
+from grpo_kernels import fused_logprob_ref
 from grpo.config import ModelConfig
 from grpo.tiny import build_tiny_model
 from grpo.weight_sync import Computed
@@ -59,23 +59,23 @@ class CausalLMPolicy(nn.Module):
         super().__init__()
         self.lm = lm
         self.lora = lora
-        self.kernel = "auto"  # "triton": kernels.fused_logprob; "torch": the reference; "auto": Triton where it runs
+        self.kernel = "auto"  # "triton": grpo_kernels.fused_logprob; "torch": the reference; "auto": Triton where it runs
 
     def fused_loss_available(self, device) -> bool:
-        return self.kernel == "triton" or (self.kernel == "auto" and kernels.triton_available(device))
+        return self.kernel == "triton" or (self.kernel == "auto" and grpo_kernels.triton_available(device))
 
     def logprob_fn(self, device):
         """The log-prob kernel for tensors on `device`: the fused Triton kernel (no [tokens, vocab] logits) where it
         can run, else the torch reference. The torch reference is the portable fallback on the CPU."""
-        if self.kernel == "torch" or (self.kernel == "auto" and not kernels.triton_available(device)):
+        if self.kernel == "torch" or (self.kernel == "auto" and not grpo_kernels.triton_available(device)):
             return fused_logprob_ref
-        return kernels.fused_logprob
+        return grpo_kernels.fused_logprob
 
     def forward(self, input_ids, attention_mask, loss_mask, *, temperature: float = 1.0, grpo: dict | None = None):
         """Log-prob and entropy of each target token, as [B, L-1] tensors (0 where `loss_mask` is 0).
 
         Position t predicts token t+1; `loss_mask` is [B, L-1] and selects the response tokens.
-        With `grpo` (the keyword arguments of kernels.fused_grpo_loss, per-token tensors as [B, L-1]), returns
+        With `grpo` (the keyword arguments of grpo_kernels.fused_grpo_loss, per-token tensors as [B, L-1]), returns
         instead that fused loss and its stats: the loss and its gradients in one pass over the LM head. It runs
         inside forward so that FSDP2 has gathered the LM head.
         """
@@ -83,7 +83,7 @@ class CausalLMPolicy(nn.Module):
         sel = loss_mask.bool()
         if grpo is not None:
             per_token = {k: v[sel] if torch.is_tensor(v) and v.dim() == 2 else v for k, v in grpo.items()}
-            return kernels.fused_grpo_loss(hidden[:, :-1][sel], self.lm.lm_head.weight, input_ids[:, 1:][sel],
+            return grpo_kernels.fused_grpo_loss(hidden[:, :-1][sel], self.lm.lm_head.weight, input_ids[:, 1:][sel],
                                            temperature=temperature, mask=torch.ones_like(per_token["advantages"]),
                                            **per_token)
         logp, entropy = self.logprob_fn(hidden.device)(

@@ -45,7 +45,7 @@ class Plan:
 
 
 def slurm_available() -> bool:
-    return shutil.which("sbatch") is not None and shutil.which("sinfo") is not None
+    return all(shutil.which(c) is not None for c in ("sbatch", "srun", "sinfo"))
 
 
 def check_config(cfg: Config) -> None:

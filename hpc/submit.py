@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import re
-import shlex
 import socket
 import sys
 import time
@@ -21,6 +20,7 @@ from grpo.config import ConfigError, apply_overrides, to_dict, to_json
 from hpc.checks import check_inputs
 from hpc.plan import Plan, format_plan, plan_job, slurm_available
 from hpc.presets import PRESETS, get_preset
+from hpc.sbatch import log_folder, render_sbatch, runner_command, task_python
 
 
 class UsageError(Exception):
@@ -58,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
             cluster = None  # a dry run still shows the plan for the nominal hardware
             print(f"warning: {e}", file=sys.stderr)
         plan = plan_job(cfg, cluster)
-        if cluster is None and plan.executor == "slurm" and not args.dry_run:
-            raise ConfigError("no Slurm on this machine (sinfo/sbatch not found): run with --dry-run to see the "
-                              "plan, or on a login node of the cluster")
+        if plan.executor == "slurm" and not args.dry_run and not slurm_available():
+            raise ConfigError("no Slurm on this machine (sbatch, srun or sinfo not found): run with --dry-run to "
+                              "see the plan, or submit from a login node of the cluster")
         try:
             plan.notes += check_inputs(cfg)
         except ConfigError as e:
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         if plan.executor == "slurm":
             print("sbatch script:")
-            print(render_sbatch(cfg, plan, Path(cfg.out_dir) / f"{cfg.name}-<time>"))
+            print(render_sbatch(cfg, plan, Path(cfg.out_dir).resolve() / f"{cfg.name}-<time>"))
         print("dry run: nothing submitted")
         return 0
     run_dir = Path(args.run_dir).resolve() if args.run_dir else make_run_dir(cfg)
@@ -157,47 +157,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def slurm_parameters(cfg, plan: Plan) -> dict:
-    """submitit SlurmExecutor parameters: one task per GPU (or per CPU rank), typed GPU GRES."""
-    params = dict(
-        job_name=f"grpo-{cfg.name}",
-        nodes=plan.nodes,
-        ntasks_per_node=plan.tasks_per_node,
-        cpus_per_task=cfg.job.cpus_per_task,
-        time=cfg.job.time_limit_min,
-        signal_delay_s=cfg.job.signal_delay_s,
-        # a task that dies takes the whole job down instead of leaving the others waiting in a collective
-        srun_args=["--kill-on-bad-exit=1"],
-        additional_parameters={"requeue": True},  # the time-limit and preemption path requeues the job
-    )
-    if plan.partition:
-        params["partition"] = plan.partition
-    if plan.nodelist:
-        params["nodelist"] = ",".join(plan.nodelist)
-    if plan.device == "cuda":
-        params["gres"] = f"gpu:{plan.gpu_type}:{plan.gpus_per_node}"
-    return params
-
-
-# Each task starts Python with USR2 ignored (an ignored signal stays ignored across exec) until the run installs its
-# own handler: Slurm can deliver the time-limit signal the moment a requeued job starts, which would otherwise kill
-# the fresh interpreter before it could save anything.
-TASK_PYTHON = """bash -c 'trap "" USR2; exec "$0" "$@"' {python}"""
-
-
 def slurm_executor(cfg, plan: Plan, run_dir: Path):
+    """A submitit SlurmExecutor that hands sbatch the script of `hpc.sbatch.render_sbatch`, nothing of its own."""
     import submitit
 
-    python = TASK_PYTHON.format(python=shlex.quote(sys.executable))
-    executor = submitit.SlurmExecutor(folder=run_dir / "logs" / "%j", python=python)
-    executor.update_parameters(**slurm_parameters(cfg, plan))
+    class Executor(submitit.SlurmExecutor):
+        def _make_submission_file_text(self, command: str, uid: str) -> str:  # submitit's hook for the script
+            if command != runner_command(run_dir):
+                raise RuntimeError(f"submitit's task runner changed ({command!r}, expected "
+                                   f"{runner_command(run_dir)!r}): update hpc/sbatch.py")
+            return render_sbatch(cfg, plan, run_dir)
+
+    executor = Executor(folder=log_folder(run_dir), python=task_python())
+    # what submitit itself reads back: the task count (its job object) and the time limit (its timeout count)
+    executor.update_parameters(nodes=plan.nodes, ntasks_per_node=plan.tasks_per_node, time=cfg.job.time_limit_min)
     return executor
-
-
-def render_sbatch(cfg, plan: Plan, run_dir: Path) -> str:
-    """The exact script submitit hands to sbatch for this plan."""
-    executor = slurm_executor(cfg, plan, run_dir)
-    return executor._make_submission_file_text(executor._submitit_command_str, uid="<uid>")
 
 
 def submit(cfg, plan: Plan, run_dir: Path):

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from kernels import group_advantage_ref
+from grpo_kernels import group_advantage_ref
 from grpo.loss import agg_loss, kl_penalty, policy_loss
 from grpo.policy import CausalLMPolicy, apply_fsdp, hf_named_parameters
 from grpo.rollout import NativeEngine

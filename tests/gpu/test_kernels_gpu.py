@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-import kernels
+import grpo_kernels
 from grpo.loss import agg_loss, kl_penalty, policy_loss
-from kernels import _lm_head as lm
+from grpo_kernels import _lm_head as lm
 
 DEV = "cuda"
 
@@ -40,7 +40,7 @@ def _rel(a, b):
 def test_fused_logprob_bf16_qwen_head():
     n, h, v = 1031, 3584, 152064  # odd N; the 7B head
     hidden, weight, targets, g = _inputs(0, n, v, h, torch.bfloat16)
-    logp, ent = kernels.fused_logprob(hidden, weight, targets, temperature=0.9, return_entropy=True)
+    logp, ent = grpo_kernels.fused_logprob(hidden, weight, targets, temperature=0.9, return_entropy=True)
     lp32, ent32, h32, w32 = _ref(hidden, weight, targets, 0.9)
     torch.testing.assert_close(logp, lp32.detach(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ent, ent32.detach(), rtol=1e-4, atol=1e-4)
@@ -53,7 +53,7 @@ def test_fused_logprob_bf16_qwen_head():
 def test_fused_logprob_fp32_odd_shape_against_float64():
     n, h, v = 300, 1000, 32003  # H not a multiple of the K block, V not a multiple of the vocab block
     hidden, weight, targets, g = _inputs(1, n, v, h, torch.float32)
-    logp = kernels.fused_logprob(hidden, weight, targets, temperature=1.3)
+    logp = grpo_kernels.fused_logprob(hidden, weight, targets, temperature=1.3)
     lp64, _, h64, w64 = _ref(hidden, weight, targets, 1.3, torch.float64)
     torch.testing.assert_close(logp.double(), lp64.detach(), rtol=1e-5, atol=1e-5)
     up = torch.randn(n, device=DEV, generator=g)
@@ -85,8 +85,8 @@ def test_fused_grpo_loss_bf16_several_chunks(monkeypatch, kl_kind):
     ref = lp + 0.3 * torch.randn(n, device=DEV, generator=g)
     adv = torch.randn(b, device=DEV, generator=g).repeat_interleave(t)
     mask = torch.rand(b, t, device=DEV, generator=g) > 0.2
-    scale = kernels.token_weights(mask, "seq-mean-token-mean").flatten()
-    loss, _ = kernels.fused_grpo_loss(hidden, weight, targets, old_logp=old, advantages=adv, mask=mask.flatten(),
+    scale = grpo_kernels.token_weights(mask, "seq-mean-token-mean").flatten()
+    loss, _ = grpo_kernels.fused_grpo_loss(hidden, weight, targets, old_logp=old, advantages=adv, mask=mask.flatten(),
                                       scale=scale, ref_logp=ref, kl_coef=0.05, kl_kind=kl_kind, entropy_coef=0.01)
     loss.backward()
     lp32, ent32, h32, w32 = _ref(hidden, weight, targets, 1.0)
@@ -104,8 +104,8 @@ def test_extra_memory_stays_under_one_gib_at_8k_tokens():
     n, h, v = 8192, 4096, 152064
     hidden, weight, targets, g = _inputs(4, n, v, h, torch.bfloat16)
     zeros = torch.zeros(n, device=DEV)
-    for step in (lambda: kernels.fused_logprob(hidden, weight, targets).sum().backward(),
-                 lambda: kernels.fused_grpo_loss(hidden, weight, targets, old_logp=zeros, advantages=zeros + 1,
+    for step in (lambda: grpo_kernels.fused_logprob(hidden, weight, targets).sum().backward(),
+                 lambda: grpo_kernels.fused_grpo_loss(hidden, weight, targets, old_logp=zeros, advantages=zeros + 1,
                                                  mask=zeros + 1)[0].backward()):
         step()  # gradients allocated, kernels compiled
         hidden.grad = weight.grad = None
@@ -124,7 +124,7 @@ def test_extra_memory_stays_under_one_gib_at_8k_tokens():
 def test_group_advantage_gpu(n):
     r = torch.randn(4096 * n, device=DEV)
     for kw in (dict(), dict(norm_by_std=False), dict(leave_one_out=True)):
-        torch.testing.assert_close(kernels.group_advantage(r, n, **kw), kernels.group_advantage_ref(r, n, **kw),
+        torch.testing.assert_close(grpo_kernels.group_advantage(r, n, **kw), grpo_kernels.group_advantage_ref(r, n, **kw),
                                    rtol=1e-6, atol=1e-6)
 
 
@@ -137,7 +137,7 @@ def test_tile_variants_agree(monkeypatch, tiles):
     n, h, v = 777, 1024, 50001
     hidden, weight, targets, g = _inputs(5, n, v, h, torch.bfloat16)
     lp32, ent32, h32, w32 = _ref(hidden, weight, targets, 1.0)
-    logp, ent = kernels.fused_logprob(hidden, weight, targets, return_entropy=True)
+    logp, ent = grpo_kernels.fused_logprob(hidden, weight, targets, return_entropy=True)
     torch.testing.assert_close(logp, lp32.detach(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ent, ent32.detach(), rtol=1e-4, atol=1e-4)
     (logp.sum() + ent.sum()).backward()
@@ -145,7 +145,7 @@ def test_tile_variants_agree(monkeypatch, tiles):
     assert _rel(hidden.grad, h32.grad) < 1e-2 and _rel(weight.grad, w32.grad) < 1e-2
     hidden.grad = weight.grad = None
     adv = torch.randn(n, device=DEV, generator=g)
-    loss, st = kernels.fused_grpo_loss(hidden, weight, targets, old_logp=lp32.detach(), advantages=adv,
+    loss, st = grpo_kernels.fused_grpo_loss(hidden, weight, targets, old_logp=lp32.detach(), advantages=adv,
                                        mask=torch.ones(n, device=DEV), entropy_coef=0.1)
     loss.backward()
     lp32, ent32, h32, w32 = _ref(hidden, weight, targets, 1.0)

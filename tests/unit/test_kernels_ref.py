@@ -1,4 +1,4 @@
-"""Tests for kernels/reference.py against independent float64 computations."""
+"""Tests for grpo_kernels/reference.py against independent float64 computations."""
 
 import ast
 import pathlib
@@ -7,9 +7,9 @@ import statistics
 import pytest
 import torch
 
-import kernels
-from kernels import reference
-from kernels.reference import fused_logprob_ref, group_advantage_ref
+import grpo_kernels
+from grpo_kernels import reference
+from grpo_kernels.reference import fused_logprob_ref, group_advantage_ref
 
 
 def _inputs(seed, n, v, h, dtype=torch.float32):
@@ -173,7 +173,7 @@ def test_group_advantage_errors(rewards, group_size):
 
 
 def test_kernels_do_not_import_grpo_or_hpc():
-    root = pathlib.Path(kernels.__file__).parent
+    root = pathlib.Path(grpo_kernels.__file__).parent
     for path in root.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):

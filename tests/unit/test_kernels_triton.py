@@ -26,22 +26,22 @@ if not INTERPRETED:
         assert r.returncode == 0, f"interpreted kernel tests failed:\n{r.stdout[-8000:]}\n{r.stderr[-3000:]}"
 
     def test_cpu_tensors_without_interpreter_raise_one_clear_error():
-        import kernels
+        import grpo_kernels
         hidden, weight, targets = torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long)
-        assert not kernels.triton_available("cpu")
-        with pytest.raises(ValueError, match="needs CUDA tensors.*kernels.reference"):
-            kernels.fused_logprob(hidden, weight, targets)
+        assert not grpo_kernels.triton_available("cpu")
+        with pytest.raises(ValueError, match="needs CUDA tensors.*grpo_kernels.reference"):
+            grpo_kernels.fused_logprob(hidden, weight, targets)
         with pytest.raises(ValueError, match="needs CUDA tensors"):
-            kernels.group_advantage(torch.randn(6), 3)
+            grpo_kernels.group_advantage(torch.randn(6), 3)
         with pytest.raises(ValueError, match="needs CUDA tensors"):
-            kernels.fused_grpo_loss(hidden, weight, targets, old_logp=torch.zeros(4), advantages=torch.zeros(4),
+            grpo_kernels.fused_grpo_loss(hidden, weight, targets, old_logp=torch.zeros(4), advantages=torch.zeros(4),
                                     mask=torch.ones(4))
 
 else:
-    import kernels
+    import grpo_kernels
     from grpo.loss import agg_loss, kl_penalty, policy_loss
-    from kernels import _lm_head as lm
-    from kernels import fused_grpo_loss, fused_logprob, group_advantage, group_advantage_ref, token_weights
+    from grpo_kernels import _lm_head as lm
+    from grpo_kernels import fused_grpo_loss, fused_logprob, group_advantage, group_advantage_ref, token_weights
 
     def _inputs(seed, n, v, h, dtype):
         g = torch.Generator().manual_seed(seed)
@@ -250,7 +250,7 @@ else:
         g = torch.Generator().manual_seed(3)
         loss = torch.randn(4, 6, generator=g, dtype=torch.float64)
         mask = torch.rand(4, 6, generator=g) > 0.4
-        for agg in kernels.grpo_loss.AGG_MODES:
+        for agg in grpo_kernels.grpo_loss.AGG_MODES:
             for norm in (dict(), dict(num_tokens=17, num_seqs=9, max_len=11)):
                 w = token_weights(mask, agg, **norm)
                 torch.testing.assert_close((loss * mask * w).sum(), agg_loss(loss, mask, agg, **norm), msg=agg)

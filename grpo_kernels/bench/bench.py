@@ -1,9 +1,9 @@
 """Benchmark of the LM-head hot path: log-probs (forward, forward+backward) and the GRPO loss, per provider.
 
-    python -m kernels.bench [--shapes 16384x8192x152064 ...] [--ops logprob_fwd,logprob,grpo]
+    python -m grpo_kernels.bench [--shapes 16384x8192x152064 ...] [--ops logprob_fwd,logprob,grpo]
                             [--providers ours,eager,compile,liger,cce] [--rep-ms 1000]
 
-Providers (each skipped, with the reason, when not installed): ours (kernels.fused_logprob / fused_grpo_loss),
+Providers (each skipped, with the reason, when not installed): ours (grpo_kernels.fused_logprob / fused_grpo_loss),
 eager (bf16 logits + log_softmax in torch), compile (torch.compile of eager), liger (Liger-Kernel's fused linear
 cross entropy; its fused linear GRPO loss for `grpo`), cce (Apple's Cut Cross-Entropy). For each: median time
 (triton.testing.do_bench), TFLOP/s, x roofline (forward: one N x H x V bf16 matmul measured in the same run;
@@ -22,8 +22,8 @@ import time
 
 import torch
 
-import kernels
-from kernels import _lm_head as lm
+import grpo_kernels
+from grpo_kernels import _lm_head as lm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SHAPES = ["4096x8192x152064", "8192x8192x152064", "16384x8192x152064", "4096x3584x152064",
@@ -119,7 +119,7 @@ class Case:
         self.y = torch.randint(0, v, (n,), device=dev, generator=g)
         self.go = torch.randn(n, device=dev, generator=g)
         with torch.no_grad():
-            lp = kernels.fused_logprob(self.h0, self.w0, self.y) if kernels.triton_available(dev) else \
+            lp = grpo_kernels.fused_logprob(self.h0, self.w0, self.y) if grpo_kernels.triton_available(dev) else \
                 naive_logp(self.h0, self.w0, self.y)
         self.old = lp + 0.1 * torch.randn(n, device=dev, generator=g)
         self.ref = lp + 0.1 * torch.randn(n, device=dev, generator=g)
@@ -156,10 +156,10 @@ def providers_for(op, case):
     out, skip = {}, {}
 
     def ours_logprob(h, w):
-        return kernels.fused_logprob(h, w, c.y), None
+        return grpo_kernels.fused_logprob(h, w, c.y), None
 
     def ours_grpo(h, w):
-        loss, st = kernels.fused_grpo_loss(h, w, c.y, old_logp=c.old, advantages=c.adv, mask=c.mask, scale=c.scale,
+        loss, st = grpo_kernels.fused_grpo_loss(h, w, c.y, old_logp=c.old, advantages=c.adv, mask=c.mask, scale=c.scale,
                                            ref_logp=c.ref, kl_coef=0.001)
         return st["logp"], loss
 
@@ -258,7 +258,7 @@ def set_tiles(spec):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m grpo_kernels.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="NxHxV, e.g. 16384x8192x152064")
     p.add_argument("--ops", default=",".join(OPS))
     p.add_argument("--providers", default=",".join(PROVIDERS))
@@ -274,7 +274,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     dev = torch.device(args.device)
-    if not kernels.triton_available(dev):
+    if not grpo_kernels.triton_available(dev):
         raise SystemExit(f"error: the Triton kernels cannot run on {dev} here (CUDA, or TRITON_INTERPRET=1 on the CPU)")
     set_tiles(args.tiles)
     if args.buffer_mib:

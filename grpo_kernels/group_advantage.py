@@ -46,7 +46,7 @@ def group_advantage(rewards, group_size, *, eps=1e-6, norm_by_std=True, leave_on
 
     Returns:
         [B * n] float32 advantages. A group of one has mean 0 and std 1, as in verl (so its advantage is
-        r / (1 + eps), or r without norm_by_std). Computed in float64; `kernels.group_advantage_ref` is the
+        r / (1 + eps), or r without norm_by_std). Computed in float64; `grpo_kernels.group_advantage_ref` is the
         torch version.
     """
     if rewards.dim() != 1:

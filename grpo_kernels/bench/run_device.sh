@@ -2,7 +2,7 @@
 # The kernels' GPU session in one command, on a machine with 4 GPUs (how GPU_NOTES.md's "Kernels" numbers were
 # made): GPU tests, the tile sweep and the peers' benchmarks run side by side, one GPU each; then our kernels are
 # benchmarked with the sweep's best tiles. Writes results.csv, run.log, tiles.txt and the plot under $OUT.
-# Usage (repo root): OUT=/tmp/out BENCH_GIT_SHA=$(git rev-parse --short HEAD) bash kernels/bench/run_device.sh
+# Usage (repo root): OUT=/tmp/out BENCH_GIT_SHA=$(git rev-parse --short HEAD) bash grpo_kernels/bench/run_device.sh
 set -u
 OUT=${OUT:-/tmp/kernels-bench}
 mkdir -p "$OUT/parts"
@@ -15,13 +15,13 @@ nvidia-smi --query-gpu=index,name,memory.total,clocks.sm --format=csv > "$OUT/pa
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$OUT/parts/gpus.txt"
 
 on() { local gpu=$1 name=$2; shift 2; CUDA_VISIBLE_DEVICES=$gpu timeout "${STEP_TIMEOUT:-400}" "$@" > "$OUT/parts/$name.log" 2>&1; }
-B="python3 -m kernels.bench --rep-ms ${REP_MS:-800}"
+B="python3 -m grpo_kernels.bench --rep-ms ${REP_MS:-800}"
 on 0 gpu_tests python3 -m pytest tests/gpu/test_kernels_gpu.py -q -p no:cacheprovider -x &
 tests=$!
 if [ "${SWEEP:-1}" = 1 ]; then
-  on 1 sweep python3 -m kernels.bench.sweep --out "$OUT/tiles.txt" &
+  on 1 sweep python3 -m grpo_kernels.bench.sweep --out "$OUT/tiles.txt" &
   sweep=$!
-else  # the defaults in kernels/_lm_head.py
+else  # the defaults in grpo_kernels/_lm_head.py
   true & sweep=$!
 fi
 if [ "${PEERS:-1}" = 1 ]; then  # PEERS=0 when the peers' rows of an earlier run on the same card are kept
@@ -57,7 +57,7 @@ if rows:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    from kernels.bench.bench import plot, print_table
+    from grpo_kernels.bench.bench import plot, print_table
     for r in rows:
         for k in ("N", "H", "V"):
             r[k] = int(r[k])

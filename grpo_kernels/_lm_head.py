@@ -51,7 +51,7 @@ class Tiles:
 
 # Per (kernel, input dtype); the bench may replace entries to sweep them. The interpreter gets small blocks.
 # Kinds: "fwd" (forward statistics), "save" (the same, also storing the chunk for the GRPO loss), "grad".
-# bf16: the fastest of `python -m kernels.bench.sweep` on an H200 (GPU_NOTES.md, "Kernels"); TMA loads took the
+# bf16: the fastest of `python -m grpo_kernels.bench.sweep` on an H200 (GPU_NOTES.md, "Kernels"); TMA loads took the
 # main loop from 1.18x to 1.02x the cuBLAS matmul time.
 TILES = {
     ("fwd", torch.bfloat16): Tiles(128, 256, 64, 16, 8, 3, tma=1),
@@ -77,7 +77,7 @@ def check_device(*tensors, name):
     if dev.type != "cuda" and not INTERPRET:
         raise ValueError(
             f"{name} runs Triton kernels and needs CUDA tensors (got {dev}); on the CPU use the torch reference "
-            f"in kernels.reference, or set TRITON_INTERPRET=1 before importing triton to run the interpreter"
+            f"in grpo_kernels.reference, or set TRITON_INTERPRET=1 before importing triton to run the interpreter"
         )
 
 

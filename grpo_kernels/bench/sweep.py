@@ -1,10 +1,10 @@
 """Tile sweep of the three logits-tile kernels against cuBLAS (CUDA only): which block shape to use.
 
-    python -m kernels.bench.sweep [--shape 16384x8192x152064] [--tiles 128,256,64,8,8,3 ...] [--out best.txt]
+    python -m grpo_kernels.bench.sweep [--shape 16384x8192x152064] [--tiles 128,256,64,8,8,3 ...] [--out best.txt]
 
 For each tile config: the forward-statistics kernel over all N rows, the saving variant and the gradient kernel
 over one backward chunk; each time over the cuBLAS bf16 matmul of the same rows (torch.mm). Prints a table and
-writes the fastest config per kind as a `--tiles` spec for `python -m kernels.bench`.
+writes the fastest config per kind as a `--tiles` spec for `python -m grpo_kernels.bench`.
 """
 
 import argparse
@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.testing
 
-from kernels import _lm_head as lm
+from grpo_kernels import _lm_head as lm
 
 # bm, bv, bk, group_m, num_warps, num_stages[, tma, ws]
 CANDIDATES = ["128,256,64,8,8,3", "128,256,64,16,8,3", "128,256,64,8,8,3,1", "128,256,64,8,8,4,1",
@@ -21,7 +21,7 @@ CANDIDATES = ["128,256,64,8,8,3", "128,256,64,16,8,3", "128,256,64,8,8,3,1", "12
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m kernels.bench.sweep", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m grpo_kernels.bench.sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="16384x8192x152064")
     p.add_argument("--tiles", nargs="+", default=CANDIDATES)
     p.add_argument("--rep-ms", type=int, default=300)

@@ -65,7 +65,7 @@ def fused_logprob(hidden, weight, targets, *, temperature=1.0, return_entropy=Fa
     Forward: one Triton pass (logits tiles with tl.dot, online logsumexp in the epilogue), extra memory
     O(N x V / 256) floats. Backward: per chunk of rows, a Triton pass recomputes the logits and writes
     dlogits ([chunk, V], at most `_lm_head.BUFFER_BYTES`), then two cuBLAS matmuls give d_hidden and d_weight.
-    `kernels.fused_logprob_ref` is the plain torch version.
+    `grpo_kernels.fused_logprob_ref` is the plain torch version.
     """
     lm.check_lm_inputs(hidden, weight, targets, temperature, name="fused_logprob")
     return _FusedLogprob.apply(hidden.contiguous(), weight.contiguous(), targets.contiguous(), float(temperature),

@@ -1,7 +1,7 @@
 """Numerical kernels for the GRPO trainer: Triton kernels and their plain-torch references.
 
 - `fused_logprob`, `fused_grpo_loss` (+ `token_weights`), `group_advantage`: Triton, on CUDA tensors (on the CPU
-  only under TRITON_INTERPRET=1, set before triton is imported). Loaded on first use, so that `import kernels`
+  only under TRITON_INTERPRET=1, set before triton is imported). Loaded on first use, so that `import grpo_kernels`
   stays light and does not import triton.
 - `fused_logprob_ref`, `group_advantage_ref`: the torch references (any device).
 - `triton_available(device)`: whether the Triton kernels can run on `device` in this process.

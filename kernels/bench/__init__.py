@@ -1,1 +1,0 @@
-"""Microbenchmarks of the LM-head kernels against torch and peers: ``python -m kernels.bench --help``."""
