@@ -65,6 +65,11 @@ class AlgoConfig:
     leave_one_out: bool = False
     adv_eps: float = 1e-6
     kernels: Literal["auto", "triton", "torch"] = "auto"  # auto: Triton on GPUs, the torch references on the CPU
+    # verl's rollout correction: a truncated importance weight min(pi_old / pi_rollout, threshold) on each token's
+    # policy-gradient loss ("token") or one per response ("sequence"); "auto": token-level when the batch was
+    # sampled by older weights (train.off_policy_steps > 0), off otherwise
+    rollout_is: Literal["auto", "none", "token", "sequence"] = "auto"
+    rollout_is_threshold: float = 2.0
 
 
 @dataclass(kw_only=True)
@@ -78,6 +83,9 @@ class TrainConfig:
     max_tokens_per_gpu: int = 0  # token budget of a micro-batch (0: one micro-batch per mini-batch)
     defer_grad_sync: bool = False  # reduce-scatter once per mini-batch: less traffic, unsharded grads held
     export_hf: bool = True  # write the trained policy as a Hugging Face folder (run_dir/hf) at the end
+    # 1: the engines generate batch k+1 (with the weights from before update k) while the trainers update on batch
+    # k (split layouts only); 0: on-policy, each batch sampled by the weights it updates
+    off_policy_steps: int = 0
     seed: int = 0
     checkpoint_every: int = 0  # 0: only at the end (and when the job is preempted or reaches its time limit)
     keep_checkpoints: int = 2
@@ -89,6 +97,9 @@ class JobConfig:
     """Resources. `hpc.plan` turns these into ranks and roles."""
 
     executor: Literal["auto", "local", "slurm"] = "auto"  # auto: Slurm when sinfo answers, else local
+    # split: trainer GPUs and rollout GPUs; colocated: every GPU holds a trainer rank and an engine that take turns
+    # (verl's layout); auto: the planner's step-time model picks the faster layout that fits
+    layout: Literal["auto", "split", "colocated"] = "auto"
     gpu_type: Optional[str] = None  # None: CPU ranks (gloo)
     nodes: int = 1
     gpus_per_node: int = 0

@@ -35,6 +35,7 @@ class Plan:
     tp: int = 1
     tokens_per_micro_batch: int = 0
     memory_table: str = ""
+    layout: str = "split"  # "split": trainer and rollout ranks on GPUs of their own; "colocated": they share each GPU
 
     @property
     def world_size(self) -> int:
