@@ -18,6 +18,7 @@ class Batch:
     rollout_logp: torch.Tensor  # [S, L-1] the engine's log-probs, at loss_mask positions
     old_logp: torch.Tensor | None = None  # [S, L-1] the trainer's, before the update
     ref_logp: torch.Tensor | None = None  # [S, L-1] the reference policy's
+    advantages_tok: torch.Tensor | None = None  # [S, L-1] per-token advantages, when the rollout correction weighs them
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

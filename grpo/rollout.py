@@ -177,6 +177,10 @@ class NativeEngine:
         d.rope_tables(length, self.device, self.dtype)
         return st
 
+    def release_cache(self) -> None:
+        """Drop the KV cache and the decode graph captured over it; the next generate allocates them again."""
+        self._state = None
+
     def _step(self, st) -> torch.Tensor:
         return self.decoder.decode(st["tok"], st["col"], st["pad"], st["k"], st["v"])
 

@@ -80,6 +80,9 @@ class VLLMSettings:
     load_format: str = "dummy"  # the trainer pushes the real weights before the first rollout
     enforce_eager: bool = False
     ignore_eos: bool = False
+    # colocated with a trainer: sleep after each generation. 2 drops the weights too (full fine-tuning re-sends
+    # them all); 1 keeps them in host memory (LoRA re-sends only the adapted ones). 0: never sleeps
+    sleep_level: int = 0
 
 
 def engine_args(s: VLLMSettings) -> dict:
@@ -92,7 +95,7 @@ def engine_args(s: VLLMSettings) -> dict:
         model=s.model_path, tensor_parallel_size=s.tensor_parallel, dtype=s.dtype, seed=s.seed,
         gpu_memory_utilization=s.gpu_memory_utilization, max_model_len=s.max_model_len, max_num_seqs=s.max_num_seqs,
         load_format=s.load_format, enforce_eager=s.enforce_eager, enable_prefix_caching=True,
-        worker_extension_cls=EXTENSION,
+        worker_extension_cls=EXTENSION, enable_sleep_mode=s.sleep_level > 0,
         # log-probs after temperature: what the trainer's log-prob at that temperature is compared with
         logprobs_mode="processed_logprobs",
     )
@@ -136,6 +139,7 @@ class VLLMEngine:
         self.settings = settings
         self.llm = vllm.LLM(**{**engine_args(settings), **extra})
         self._vllm = vllm
+        self._asleep: set[str] = set()  # sleep-mode tags now unmapped
 
     def generate(self, prompts: list[list[int]], n: int, seed: int) -> list[list[Completion]]:
         """Sample `n` responses per prompt (one request per prompt, its own seed). Same return as NativeEngine."""
@@ -163,6 +167,28 @@ class VLLMEngine:
             raise RuntimeError("vLLM did not reset its prefix cache after a weight update")
         assert len(set(counts)) == 1, counts
         return counts[0]
+
+    def connect(self, link) -> None:
+        """The Engine interface's hook-up (grpo.engine.SyncLink): the workers join a group of their own."""
+        self.join_weight_sync(link.specs, host=link.host, port=link.port, rank_offset=link.rank_offset,
+                              world_size=link.world_size, backend=link.backend, bucket_bytes=link.bucket_bytes)
+
+    def sleep(self) -> None:
+        """Free the GPU for the trainer beside it (sleep mode: level 1 keeps the weights on the host, 2 drops
+        them; both drop the KV cache and reset the prefix cache)."""
+        if self.settings.sleep_level:
+            self.llm.sleep(level=self.settings.sleep_level)
+            self._asleep = {"weights", "kv_cache"}
+
+    def wake(self, tags: tuple[str, ...] = ("weights", "kv_cache")) -> None:
+        """Map memory back: the weights before a sync writes into them, the KV cache before a generation."""
+        tags = [t for t in tags if t in self._asleep]
+        if tags:
+            self.llm.wake_up(tags=tags)
+            self._asleep -= set(tags)
+
+    def memory_stats(self) -> dict:
+        return {}  # the memory is the worker processes'
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
         raise TypeError("a vLLM engine's weights live in its worker processes: use join_weight_sync once, then "

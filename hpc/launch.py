@@ -81,7 +81,8 @@ class RankJob:
             gpus = self.plan["gpus_per_node"] * self.plan["nodes"]
             roles = Roles(trainers=self.plan["trainers"], rollouts=self.plan["rollouts"], device=device,
                           shared_gpu=device == "cuda" and gpus < renv.world_size,
-                          tp=self.plan["tp"] if cfg.rollout.engine != "native" else 1)
+                          tp=self.plan["tp"] if cfg.rollout.engine != "native" else 1,
+                          time_share=self.plan.get("time_share", False))
             status = run(cfg, roles, self.run_dir, deadline=deadline)
         except BaseException:
             fail_fast()

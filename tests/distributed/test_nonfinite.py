@@ -1,7 +1,7 @@
 """A non-finite loss skips the optimizer step and is counted; train.max_bad_steps in a row abort the run.
 
 Two real processes (trainer and rollout rank over gloo) run grpo.loop; the trainer's loss is made NaN on chosen
-optimizer steps by wrapping grpo.loop.policy_loss inside the trainer process."""
+optimizer steps by wrapping grpo.train_step.policy_loss inside the trainer process."""
 
 import json
 from pathlib import Path
@@ -17,17 +17,18 @@ from hpc.presets import get_preset
 
 def worker(rank: int, init_file: str, run_dir: str, bad_calls: list[int], steps: int) -> None:
     import grpo.loop as loop
+    import grpo.train_step
 
     torch.set_num_threads(1)
     if rank == 0:
-        real, calls = loop.policy_loss, [0]
+        real, calls = grpo.train_step.policy_loss, [0]
 
         def poisoned(*args, **kwargs):
             calls[0] += 1
             loss, metrics = real(*args, **kwargs)
             return (loss * float("nan"), metrics) if calls[0] in bad_calls else (loss, metrics)
 
-        loop.policy_loss = poisoned
+        grpo.train_step.policy_loss = poisoned
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         cfg = apply_overrides(get_preset("local"), [f"train.steps={steps}", "train.export_hf=false"])

@@ -50,13 +50,12 @@ def worker(rank, init_file, run_dir, engine, trainers, rollouts, tp, world):
     import grpo.loop as loop
 
     torch.set_num_threads(1)
-    if engine == "vllm":
-        MergedStandIn.out_dir = run_dir
-        loop.make_engine = MergedStandIn
+    MergedStandIn.out_dir = run_dir
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         cfg = apply_overrides(get_preset("local"), [f"train.steps={STEPS}", f"rollout.engine={engine}", *LORA])
-        loop.run(cfg, loop.Roles(trainers=trainers, rollouts=rollouts, device="cpu", tp=tp), run_dir)
+        loop.run(cfg, loop.Roles(trainers=trainers, rollouts=rollouts, device="cpu", tp=tp), run_dir,
+                 make_engine=MergedStandIn if engine == "vllm" else None)
     finally:
         dist.destroy_process_group()
 

@@ -1,8 +1,9 @@
 """The loop's vLLM path on the CPU: engines of `tp` rollout ranks, prompts split per engine, weights through a
 StatelessGroup that the engine's workers join. vLLM itself cannot run here, so a STAND-IN engine plays it: it has
-VLLMEngine's interface (generate, join_weight_sync, receive_weights), its `tp` "workers" are threads that each join
-the sync group as vLLM's worker processes do, and it generates with the native engine. The same run with the native
-engine must give the same metrics."""
+VLLMEngine's side of the Engine interface (generate, connect to a group of its own, receive_weights, sleep, wake),
+its `tp` "workers" are threads that each join the sync group as vLLM's worker processes do, and it generates with
+the native engine. It is passed to the loop as its engine factory. The same run with the native engine must give
+the same metrics."""
 
 import json
 import threading
@@ -16,31 +17,37 @@ from grpo.config import apply_overrides
 from grpo.weight_sync import StatelessGroup, WeightReceiver
 from hpc.presets import get_preset
 
-NATIVE_ENGINE = grpo.loop.make_engine  # before a worker swaps in the stand-in
-
-
 class StandInVLLM:
     def __init__(self, cfg, roles, device):
         cfg.rollout.engine = "native"
-        self.native = NATIVE_ENGINE(cfg, roles, device)  # the generation side
+        self.native = grpo.loop.make_engine(cfg, roles, device).engine  # the generation side
         cfg.rollout.engine = "vllm"
         self.tp, self.workers = roles.tp, []
+        self.sleeps = 0
 
     def generate(self, prompts, n, seed):
         return self.native.generate(prompts, n, seed)
 
-    def join_weight_sync(self, specs, *, host, port, rank_offset, world_size, backend, bucket_bytes):
+    def sleep(self):
+        self.sleeps += 1
+
+    def wake(self, tags=("weights", "kv_cache")):
+        pass
+
+    def memory_stats(self):
+        return {}
+
+    def connect(self, link):
         def join(tp_rank):
-            group = StatelessGroup(host=host, port=port, rank=rank_offset + tp_rank, world_size=world_size,
-                                   backend=backend)
-            self.workers.append((tp_rank, WeightReceiver(specs, group, src=0, bucket_bytes=bucket_bytes,
+            group = StatelessGroup(host=link.host, port=link.port, rank=link.rank_offset + tp_rank,
+                                   world_size=link.world_size, backend=link.backend)
+            self.workers.append((tp_rank, WeightReceiver(link.specs, group, src=0, bucket_bytes=link.bucket_bytes,
                                                          device=torch.device("cpu"))))
         threads = [threading.Thread(target=join, args=(i,)) for i in range(self.tp)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        return [rank_offset + i for i in range(self.tp)]
 
     def receive_weights(self):
         counts = {}
@@ -63,13 +70,12 @@ def worker(rank, init_file, run_dir, engine, rollouts, tp, world):
     import grpo.loop as loop
 
     torch.set_num_threads(1)
-    if engine == "vllm":
-        loop.make_engine = StandInVLLM
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         cfg = apply_overrides(get_preset("local"), ["train.steps=3", "train.export_hf=false",
                                                     f"rollout.engine={engine}"])
-        loop.run(cfg, loop.Roles(trainers=[0], rollouts=rollouts, device="cpu", tp=tp), run_dir)
+        loop.run(cfg, loop.Roles(trainers=[0], rollouts=rollouts, device="cpu", tp=tp), run_dir,
+                 make_engine=StandInVLLM if engine == "vllm" else None)
     finally:
         dist.destroy_process_group()
 
