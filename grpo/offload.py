@@ -42,7 +42,8 @@ class OptimizerSwap:
                 host = self.host[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             host.copy_(t, non_blocking=True)
             moved += t.numel() * t.element_size()
-        torch.cuda.synchronize()
+        if entries:
+            torch.cuda.synchronize()
         for _, t in entries:
             t.untyped_storage().resize_(0)
         self.out = True

@@ -36,6 +36,7 @@ class Plan:
     tokens_per_micro_batch: int = 0
     memory_table: str = ""
     layout: str = "split"  # "split": trainer and rollout ranks on GPUs of their own; "colocated": they share each GPU
+    time_share: bool = False  # colocated: the engine sleeps during the update, the optimizer state leaves the GPU
 
     @property
     def world_size(self) -> int:
@@ -71,6 +72,12 @@ def check_config(cfg: Config) -> None:
                           f"{', '.join(sorted(TASKS))}, dataset")
     if cfg.data.task == "dataset" and not cfg.data.train_path:
         raise ConfigError("data.task=dataset needs data.train_path (a parquet or jsonl file in verl's layout)")
+    if cfg.train.off_policy_steps not in (0, 1):
+        raise ConfigError(f"train.off_policy_steps={cfg.train.off_policy_steps}: use 0 (on-policy) or 1 (the engines "
+                          "generate the next batch during the update)")
+    if cfg.train.off_policy_steps and cfg.job.layout == "colocated":
+        raise ConfigError("train.off_policy_steps=1 needs a split layout (job.layout=split or auto): colocated, the "
+                          "trainer and the engine take turns on each GPU, so nothing would overlap")
     if cfg.job.gpu_type and cfg.job.gpus_per_node < 1:
         raise ConfigError(f"job.gpu_type={cfg.job.gpu_type!r} needs job.gpus_per_node of at least 1")
 
@@ -120,8 +127,12 @@ def plan_cpu(cfg: Config, executor: str) -> Plan:
         raise ConfigError(f"{t + r} CPU ranks (job.trainer_ranks + job.rollout_ranks) must split evenly over "
                           f"job.nodes={job.nodes}")
     notes = ["one machine, no Slurm needed: submitit's local executor"] if executor == "local" else []
+    colocated = job.layout == "colocated"
+    if colocated:
+        notes.append("colocated: the engines sleep (drop their KV cache) while the trainers update")
     return Plan(executor=executor, device="cpu", nodes=job.nodes, tasks_per_node=(t + r) // job.nodes,
-                trainers=list(range(t)), rollouts=list(range(t, t + r)), notes=notes)
+                trainers=list(range(t)), rollouts=list(range(t, t + r)), notes=notes,
+                layout="colocated" if colocated else "split", time_share=colocated)
 
 
 def plan_gpus(cfg: Config, executor: str, host_gb: float) -> Plan:

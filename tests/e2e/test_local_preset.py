@@ -59,9 +59,12 @@ def test_two_trainer_ranks(tmp_path):
 
 
 @pytest.mark.slow
-def test_local_preset_learns(tmp_path):
-    """The acceptance claim: the full preset raises the mean reward of the last 10 steps by 0.3 over the first 10."""
-    proc, run_dir = submit(tmp_path)
+@pytest.mark.parametrize("layout", [[], ["train.off_policy_steps=1"], ["job.layout=colocated"]],
+                         ids=["split", "split-off-policy", "colocated"])
+def test_local_preset_learns(tmp_path, layout):
+    """The acceptance claim: the full preset raises the mean reward of the last 10 steps by 0.3 over the first 10,
+    in each layout."""
+    proc, run_dir = submit(tmp_path, *layout)
     _, first, last = first_last(run_dir)
     assert last >= first + 0.3, (first, last)
 
