@@ -178,9 +178,11 @@ def plan_shared_gpu(cfg: Config, shape: ModelShape, card: float, engine: memory.
         tokens //= 2
     check_split(cfg, 1)
     table = memory.format_estimates([est, engine], card, cfg.job.gpu_type)
+    colocated = cfg.job.layout == "colocated"
     return Plan(executor=executor, device="cuda", nodes=1, tasks_per_node=2, trainers=[0], rollouts=[1],
                 gpu_type=cfg.job.gpu_type, gpus_per_node=1, tp=1, tokens_per_micro_batch=tokens,
-                memory_table=table, notes=["trainer and engine share the GPU"])
+                memory_table=table, notes=["trainer and engine share the GPU"],
+                layout="colocated" if colocated else "split", time_share=colocated)
 
 
 # Weight-sync bandwidth end to end (gathers, buckets, loading included): measured on H200s over NVLink (GPU_NOTES.md,
