@@ -60,7 +60,9 @@ class RankJob:
         from grpo.config import from_dict
         from grpo.loop import Roles, run
 
-        cfg = from_dict(self.config)
+        from hpc.plan import apply_settings
+
+        cfg = apply_settings(from_dict(self.config), self.plan)  # the planner's memory settings (Plan.settings)
         device = self.plan["device"]
         if device == "cpu":
             torch.set_num_threads(max(1, cfg.job.cpus_per_task))
