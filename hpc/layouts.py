@@ -18,8 +18,9 @@ Plan.settings and the ranks apply them (hpc.launch).
 
 from __future__ import annotations
 
-import itertools
+import json
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from grpo import hardware as hw
@@ -52,11 +53,19 @@ class Candidate:
 
 
 def reward_kind(cfg: Config) -> str:
-    """Which reward the step-time model charges: toy tasks, or GSM8K / MATH by the dataset's file name (MATH, the
-    slower one, when the name says neither)."""
+    """Which reward the step-time model charges: toy tasks, or GSM8K / MATH by the first row's data_source of a
+    jsonl file readable here, else by the file's name (MATH, the slower one, when neither says)."""
     if cfg.data.task != "dataset":
         return "toy"
-    return "gsm8k" if "gsm8k" in cfg.data.train_path.lower() else "math"
+    path = Path(cfg.data.train_path).expanduser()
+    hint = path.name.lower()
+    if path.suffix == ".jsonl" and path.is_file():
+        with path.open() as f:
+            try:
+                hint = str(json.loads(f.readline()).get("data_source", hint)).lower()
+            except (ValueError, AttributeError):
+                pass
+    return "gsm8k" if "gsm8k" in hint else "math"
 
 
 def memory_options(cfg: Config) -> list[tuple[bool, bool, bool]]:
