@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from grpo import hardware as hw
 from grpo.config import Config, ConfigError
 from hpc import memory, steptime
-from hpc import plan as _plan  # seq_len, lora_targets, splits, fits, MIN_ENGINE_SEQS (looked up at call time)
+from hpc import plan as _plan  # seq_len, lora_targets, splits, MIN_ENGINE_SEQS (looked up at call time)
 from hpc.models import LINEAR_NAMES, ModelShape
 from hpc.steptime import Prediction, TrainSetup
 
@@ -253,9 +253,10 @@ class Search:
         sync = (steptime.sync_one_gpu_s(nbytes) if self.total == 1
                 else steptime.sync_split_s(nbytes, self.card, crosses_nodes=self.nodes > 1))
         swap = 0.0 if awake else hw.ENGINE_WAKE_S[self.cfg.rollout.engine]
-        pred = Prediction(layout="colocated", trainers=self.total, rollout_gpus=self.total, tp=tp,
-                          engines=self.total // tp, kv_seqs=seqs, generation=self.generation(tp, self.total // tp, seqs),
-                          reward=self.reward, update=update, optimizer=opt, sync=sync, swap=swap)
+        engines = self.total // tp
+        pred = Prediction(layout="colocated", trainers=self.total, rollout_gpus=self.total, tp=tp, engines=engines,
+                          kv_seqs=seqs, generation=self.generation(tp, engines, seqs), reward=self.reward,
+                          update=update, optimizer=opt, sync=sync, swap=swap)
         return Candidate(pred, tokens, est, engine, round(util, 3), engine_awake=awake, settings=settings(option))
 
     # --------------------------------------------------------------------------------------------------- all

@@ -318,11 +318,6 @@ def pick_tp(cfg: Config, shape: ModelShape, card: float) -> tuple[int, memory.Es
         f"sequences of {seq_len(cfg)} tokens, fewer than {need}; use larger GPUs or shorter sequences")
 
 
-def fits(est: memory.Estimate, card: float, gpus: int, per_node: int, host_gb: float) -> bool:
-    host_ok = not host_gb or est.host_total * min(gpus, per_node) <= host_gb * 0.9
-    return est.gpu_total <= card * 0.95 and host_ok
-
-
 def choose_nodes(cfg: Config, cluster):
     """Partition and nodes for the job from the live cluster; the skipped nodes with the reason."""
     job = cfg.job

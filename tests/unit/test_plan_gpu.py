@@ -38,7 +38,8 @@ def test_seed_presets_fit_their_nominal_hardware(name):
         # two tasks per GPU: local ranks 0..N-1 train, N..2N-1 are engines on the same GPUs (local rank % N)
         assert plan.tasks_per_node == 2 * per_node and plan.world_size == 2 * gpus
         for n in range(cfg.job.nodes):
-            local = lambda ranks: [r - n * 2 * per_node for r in ranks if n * 2 * per_node <= r < (n + 1) * 2 * per_node]
+            first = n * 2 * per_node
+            local = lambda ranks: [r - first for r in ranks if first <= r < first + 2 * per_node]  # noqa: E731
             assert local(plan.trainers) == list(range(per_node))
             assert local(plan.rollouts) == list(range(per_node, 2 * per_node))
     else:
