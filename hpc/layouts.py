@@ -58,7 +58,7 @@ def reward_kind(cfg: Config) -> str:
     if cfg.data.task != "dataset":
         return "toy"
     path = Path(cfg.data.train_path).expanduser()
-    hint = path.name.lower()
+    hint = str(path).lower()
     if path.suffix == ".jsonl" and path.is_file():
         with path.open() as f:
             try:
@@ -217,11 +217,11 @@ class Search:
 
     # -------------------------------------------------------------------------------------------------- colocated
 
-    def colocated(self, tp: int) -> list[Candidate]:
+    def colocated(self, tp: int, options=None) -> list[Candidate]:
         if not _plan.splits(self.cfg, self.total):
             return []
         fitting = []
-        for option in memory_options(self.cfg):
+        for option in options or memory_options(self.cfg):
             for tokens in self.budgets():
                 cand = self.colocated_fit(tp, tokens, option)
                 if cand is not None:
@@ -230,34 +230,44 @@ class Search:
         return [fewest_savings(fitting)] if fitting else []
 
     def colocated_fit(self, tp: int, tokens: int, option) -> Candidate | None:
+        """The faster of the engine awake beside the whole trainer (no sleep, a smaller KV cache; how the one-GPU
+        loop ran when measured) and the engine asleep during the update, or None when neither fits."""
         est = trainer_estimate(self.cfg, self.shape, self.total, tokens, option)
         room = self.card_gb * HEADROOM
         if not self.host_ok(est, self.total) or est.gpu_total + memory.CUDA_CONTEXT_GB > room:
             return None
         util = self.cfg.rollout.gpu_memory_utilization
-        # both awake at once, as the one-GPU loop runs today: no sleep, no wake
-        awake_util = min(util, (room - est.gpu_total) / self.card_gb)
-        engine, seqs = engine_estimate(self.cfg, self.shape, tp, self.card_gb, awake_util)
-        awake = seqs >= self.need_seqs and est.gpu_total + engine.gpu_total <= room
-        if not awake:
-            resident = sum(v for k, v in est.gpu.items() if k in RESIDENT)
-            util = min(util, (room - resident) / self.card_gb)
-            engine, seqs = engine_estimate(self.cfg, self.shape, tp, self.card_gb, util)
-            weights_only = engine.gpu_total - engine.gpu.get("KV cache", 0)
-            if seqs < self.need_seqs or resident + weights_only + 2 * BUCKET_GB > room:
-                return None
-        else:
-            util = awake_util
+        resident = sum(v for k, v in est.gpu.items() if k in RESIDENT)
         update, opt = self.train(self.total, tokens, option)
         nbytes = sync_bytes(self.cfg, self.shape)
         sync = (steptime.sync_one_gpu_s(nbytes) if self.total == 1
                 else steptime.sync_split_s(nbytes, self.card, crosses_nodes=self.nodes > 1))
-        swap = 0.0 if awake else hw.ENGINE_WAKE_S[self.cfg.rollout.engine]
-        engines = self.total // tp
-        pred = Prediction(layout="colocated", trainers=self.total, rollout_gpus=self.total, tp=tp, engines=engines,
-                          kv_seqs=seqs, generation=self.generation(tp, engines, seqs), reward=self.reward,
-                          update=update, optimizer=opt, sync=sync, swap=swap)
-        return Candidate(pred, tokens, est, engine, round(util, 3), engine_awake=awake, settings=settings(option))
+        engines, best = self.total // tp, None
+        for awake in (True, False):
+            share = min(util, (room - (est.gpu_total if awake else resident)) / self.card_gb)
+            engine, seqs = engine_estimate(self.cfg, self.shape, tp, self.card_gb, share)
+            weights_only = engine.gpu_total - engine.gpu.get("KV cache", 0)
+            if seqs < self.need_seqs or (awake and est.gpu_total + engine.gpu_total > room) or (
+                    resident + weights_only + 2 * BUCKET_GB > room):
+                continue
+            swap = 0.0 if awake else hw.ENGINE_WAKE_S[self.cfg.rollout.engine]
+            pred = Prediction(layout="colocated", trainers=self.total, rollout_gpus=self.total, tp=tp,
+                              engines=engines, kv_seqs=seqs, generation=self.generation(tp, engines, seqs),
+                              reward=self.reward, update=update, optimizer=opt, sync=sync, swap=swap)
+            cand = Candidate(pred, tokens, est, engine, round(share, 3), engine_awake=awake,
+                             settings=settings(option))
+            if best is None or cand.total < best.total:
+                best = cand
+        return best
+
+    def verl_seed(self) -> Candidate | None:
+        """verl's seed settings for comparison: colocated, the largest TP inside a node, activation checkpointing,
+        parameter and optimizer offload all on (the seeds switch every saving on)."""
+        tp = max(tp_options(self.cfg, self.per_node))
+        found = self.colocated(tp, options=[(True, True, True)])
+        if found:
+            found[0].prediction.layout_note = "all savings on, as verl's seeds"
+        return found[0] if found else None
 
     # --------------------------------------------------------------------------------------------------- all
 

@@ -148,6 +148,9 @@ def plan_gpus(cfg: Config, executor: str, host_gb: float) -> Plan:
     chosen, alternatives, notes = layouts.choose(cfg, found, total)
     if chosen is None:
         raise ConfigError(misfit(cfg, shape, card, total, host_gb, found))
+    seed = search.verl_seed() if total > 1 and cfg.job.layout != "split" else None
+    if seed is not None and seed.settings != chosen.settings and cfg.model.param_offload is not False:
+        alternatives.append(seed)
     c, p = chosen, chosen.prediction
     if p.layout == "colocated":
         if total > 1:

@@ -188,8 +188,7 @@ class Prediction:
     optimizer: float
     sync: float
     swap: float = 0.0
-    settings: dict = field(default_factory=dict)  # model.* memory settings and the micro-batch budget
-    fits: bool = True
+    layout_note: str = ""  # shown in the label, e.g. "every saving on, as verl's seeds"
 
     @property
     def total(self) -> float:
@@ -200,9 +199,10 @@ class Prediction:
 
     @property
     def label(self) -> str:
-        gpus = (f"{self.trainers} GPU(s), each a trainer rank + an engine's" if self.layout == "colocated"
-                else f"{self.trainers} train / {self.rollout_gpus} generate")
-        return f"{self.layout}, {gpus}, TP={self.tp}"
+        gpus = (f"{self.trainers} GPUs" if self.layout == "colocated"
+                else f"{self.trainers} train + {self.rollout_gpus} generate")
+        note = f" ({self.layout_note})" if self.layout_note else ""
+        return f"{self.layout}{note} {gpus}, TP={self.tp}"
 
     def phases(self) -> dict[str, float]:
         return {p: getattr(self, p) for p in PHASES} | {"step": self.total}

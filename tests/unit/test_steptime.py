@@ -62,7 +62,7 @@ def test_model_within_20_percent_of_the_measured_loop(name, gpu, extra, measured
 def test_the_measured_layouts_are_the_ones_predicted():
     one, two = bench("h100x1", "h200"), bench("h100x2", "h200")
     assert one.layout == "colocated" and one.prediction["swap"] == 0  # both fit the H200 awake, as measured
-    assert two.layout == "split" and two.prediction["label"].startswith("split, 1 train / 1 generate")
+    assert two.layout == "split" and two.prediction["label"].startswith("split 1 train + 1 generate")
 
 
 @pytest.mark.parametrize("name", ["h800x32", "h20x32", "h100x8-lora"])
@@ -86,7 +86,7 @@ def test_h800x32_update_matches_the_issues_estimate():
     half that."""
     plan = plan_job(get_preset("h800x32"))
     assert plan.layout == "colocated" and 300 < plan.prediction["update"] < 420
-    split = [a for a in plan.alternatives if a["label"].startswith("split, 16 train")]
+    split = [a for a in plan.alternatives if a["label"].startswith("split 16 train")]
     assert split and split[0]["update"] > 1.8 * plan.prediction["update"]
 
 
