@@ -8,7 +8,7 @@ from grpo import hardware as hw
 from grpo.config import ConfigError, apply_overrides
 from hpc import steptime
 from hpc.models import CATALOGUE
-from hpc.plan import apply_settings, format_plan, plan_job
+from hpc.plan import apply_settings, fmt_ranks, format_plan, plan_job
 from hpc.presets import get_preset
 
 
@@ -74,7 +74,10 @@ def test_70b_dry_run_prints_the_prediction_and_never_chooses_slower_than_colocat
     table = text[text.index("step time"):].splitlines()
     assert any("colocated" in line for line in table[2:]), "verl's colocated layout is always shown"
     colocated = [a["step"] for a in plan.alternatives if a["label"].startswith("colocated")]
-    assert colocated and all(plan.prediction["step"] <= s for s in colocated + [plan.prediction["step"]])
+    assert colocated and all(plan.prediction["step"] <= s for s in colocated)
+    # verl's own settings (colocated, every memory saving on) are predicted beside it, never faster
+    seed = [a for a in plan.alternatives if "as verl's seeds" in a["label"]]
+    assert len(seed) == 1 and plan.prediction["step"] <= seed[0]["step"]
     assert plan.prediction["step"] == pytest.approx(sum(plan.prediction[p] for p in steptime.PHASES))
     # every phase of the chosen layout is printed with its value
     chosen = next(line for line in table if line.strip().startswith("chosen"))
@@ -155,3 +158,8 @@ def test_a_faster_layout_the_config_rules_out_is_named():
     plan = plan_job(preset("h100x2"))  # job.trainer_ranks=1 pins the split
     assert plan.layout == "split"
     assert any(n.startswith("predicted faster") for n in plan.notes)
+
+
+def test_rank_runs_are_printed_as_ranges():
+    assert fmt_ranks([0, 1, 2, 3, 8, 9, 10, 11]) == "0-3,8-11"
+    assert fmt_ranks([5]) == "5" and fmt_ranks([0, 2]) == "0,2"
