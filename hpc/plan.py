@@ -1,8 +1,10 @@
 """Planning: from a config and the cluster to a partition, nodes, ranks, roles and per-GPU memory.
 
-Ranks 0..T-1 train (rank 0 drives), ranks T..W-1 generate. On GPUs there is one task per GPU; the rollout ranks
-form engines of `tp` GPUs, each inside one node. The split, the engines' tensor parallelism and the trainer's
-micro-batch token budget come from the memory model (hpc.memory).
+Split layout: ranks 0..T-1 train (rank 0 drives), ranks T..W-1 generate, one task per GPU; the rollout ranks form
+engines of `tp` GPUs, each inside one node. Colocated layout: two tasks per GPU; on each node of N GPUs local ranks
+0..N-1 train and N..2N-1 are their engines on the same GPUs. The layout, the split, the engines' tensor parallelism,
+the memory savings and the trainer's micro-batch budget are the fastest that fit: hpc.layouts searches them with the
+memory model (hpc.memory) and the step-time model (hpc.steptime).
 """
 
 from __future__ import annotations
