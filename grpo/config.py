@@ -26,9 +26,11 @@ class ModelConfig:
     lora_rank: int = 0  # 0: full fine-tuning
     lora_alpha: int = 32
     lora_targets: str = "all-linear"
-    activation_checkpointing: bool = False
-    param_offload: bool = False
-    optimizer_offload: bool = False
+    # memory savings: None = the planner turns them on only where memory needs them (hpc.layouts), True = always,
+    # False = never. The ranks run with the plan's choice (hpc.plan.apply_settings); CPU plans use None as False.
+    activation_checkpointing: Optional[bool] = None
+    param_offload: Optional[bool] = None  # FSDP2 CPUOffloadPolicy: shards, gradients and AdamW on the host
+    optimizer_offload: Optional[bool] = None  # AdamW state on the host between optimizer steps
 
 
 @dataclass(kw_only=True)

@@ -49,7 +49,8 @@ class Roles:
     device: str  # "cpu" or "cuda"
     shared_gpu: bool = False  # trainer and engine processes on one GPU: NCCL refuses two ranks on one device
     tp: int = 1  # GPUs per engine: rollout ranks form engines of `tp` consecutive ranks inside a node
-    time_share: bool = False  # colocated: the engine sleeps during the update, the optimizer state leaves the GPU
+    time_share: bool = False  # colocated: the engine sleeps during the update
+    swap_optimizer: bool = False  # time-shared: the optimizer state also leaves the GPU while the engine generates
 
     @property
     def engine_leaders(self) -> list[int]:
@@ -220,7 +221,7 @@ class Trainer:
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / t.warmup_steps) if t.warmup_steps else 1.0)
         self.models = Models(policy, ref, opt, sched, fused=policy.fused_loss_available(device))
-        self.swap = OptimizerSwap(opt) if roles.time_share else None
+        self.swap = OptimizerSwap(opt) if roles.swap_optimizer else None
         self.tok = load_tokenizer(cfg)
         source = make_source(cfg, self.tok) if self.driver else None
         self.rollouts = Rollouts(cfg, channel, trainers=roles.trainers, source=source,

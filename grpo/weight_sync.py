@@ -41,13 +41,15 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
+from grpo import hardware
+
 ALIGN = 64  # byte alignment of each tensor in a bucket, so a uint8 slice can be viewed as any dtype
 DEFAULT_BUCKET_BYTES = 1 << 30
 
 # Measured end to end (FSDP2 shards -> weights loaded in the engine), one node, NVLink; see GPU_NOTES.md
 # ("Weight sync and engines"). Across nodes the broadcast is bound by the NICs instead (about 40-50 GB/s for one
 # 400 Gb/s NIC per GPU); pass that figure to expected_sync_seconds for rollout ranks on other nodes.
-MEASURED_NVLINK_SYNC_GBPS = 300.0
+MEASURED_NVLINK_SYNC_GBPS = hardware.SYNC_GBPS_NVLINK
 
 
 @dataclass(frozen=True)

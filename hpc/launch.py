@@ -60,7 +60,9 @@ class RankJob:
         from grpo.config import from_dict
         from grpo.loop import Roles, run
 
-        cfg = from_dict(self.config)
+        from hpc.plan import apply_settings
+
+        cfg = apply_settings(from_dict(self.config), self.plan)  # the planner's memory settings (Plan.settings)
         device = self.plan["device"]
         if device == "cpu":
             torch.set_num_threads(max(1, cfg.job.cpus_per_task))
@@ -82,7 +84,8 @@ class RankJob:
             roles = Roles(trainers=self.plan["trainers"], rollouts=self.plan["rollouts"], device=device,
                           shared_gpu=device == "cuda" and gpus < renv.world_size,
                           tp=self.plan["tp"] if cfg.rollout.engine != "native" else 1,
-                          time_share=self.plan.get("time_share", False))
+                          time_share=self.plan.get("time_share", False),
+                          swap_optimizer=self.plan.get("swap_optimizer", False))
             status = run(cfg, roles, self.run_dir, deadline=deadline)
         except BaseException:
             fail_fast()

@@ -1,8 +1,10 @@
 """Planning: from a config and the cluster to a partition, nodes, ranks, roles and per-GPU memory.
 
-Ranks 0..T-1 train (rank 0 drives), ranks T..W-1 generate. On GPUs there is one task per GPU; the rollout ranks
-form engines of `tp` GPUs, each inside one node. The split, the engines' tensor parallelism and the trainer's
-micro-batch token budget come from the memory model (hpc.memory).
+Split layout: ranks 0..T-1 train (rank 0 drives), ranks T..W-1 generate, one task per GPU; the rollout ranks form
+engines of `tp` GPUs, each inside one node. Colocated layout: two tasks per GPU; on each node of N GPUs local ranks
+0..N-1 train and N..2N-1 are their engines on the same GPUs. The layout, the split, the engines' tensor parallelism,
+the memory savings and the trainer's micro-batch budget are the fastest that fit: hpc.layouts searches them with the
+memory model (hpc.memory) and the step-time model (hpc.steptime).
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 
-from grpo.config import Config, ConfigError, derive
+from grpo import hardware
+from grpo.config import Config, ConfigError, copy_config, derive
 from grpo.tasks import TASKS
-from hpc import memory
+from hpc import layouts, memory, steptime
 from hpc.models import LINEAR_NAMES, ModelShape, resolve_shape
 
-GPU_MEMORY_GB = {"h100": 80, "h800": 80, "h20": 96, "h200": 141, "a100": 80, "a800": 80, "l40s": 48, "b200": 180}
+GPU_MEMORY_GB = {name: spec.memory_gb for name, spec in hardware.GPUS.items()}
 
 
 @dataclass(kw_only=True)
@@ -36,7 +39,14 @@ class Plan:
     tokens_per_micro_batch: int = 0
     memory_table: str = ""
     layout: str = "split"  # "split": trainer and rollout ranks on GPUs of their own; "colocated": they share each GPU
-    time_share: bool = False  # colocated: the engine sleeps during the update, the optimizer state leaves the GPU
+    # colocated: the engine sleeps during the update (it and the trainer do not fit the GPU together)
+    time_share: bool = False
+    swap_optimizer: bool = False  # time-shared: the optimizer state also leaves the GPU while the engine generates
+    # what the planner chose for this plan, applied by every rank (apply_settings): model.activation_checkpointing,
+    # model.optimizer_offload, model.param_offload, rollout.gpu_memory_utilization
+    settings: dict = field(default_factory=dict)
+    prediction: dict = field(default_factory=dict)  # the chosen layout's seconds per phase (hpc.steptime)
+    alternatives: list[dict] = field(default_factory=list)  # other candidates: {"label": ..., phase: seconds}
 
     @property
     def world_size(self) -> int:
@@ -77,7 +87,8 @@ def check_config(cfg: Config) -> None:
                           "generate the next batch during the update)")
     if cfg.train.off_policy_steps and cfg.job.layout == "colocated":
         raise ConfigError("train.off_policy_steps=1 needs a split layout (job.layout=split or auto): colocated, the "
-                          "trainer and the engine take turns on each GPU, so nothing would overlap")
+                          "trainer and the engine take turns on each GPU, so nothing would overlap; or set "
+                          "train.off_policy_steps=0")
     if cfg.job.gpu_type and cfg.job.gpus_per_node < 1:
         raise ConfigError(f"job.gpu_type={cfg.job.gpu_type!r} needs job.gpus_per_node of at least 1")
 
@@ -136,9 +147,10 @@ def plan_cpu(cfg: Config, executor: str) -> Plan:
 
 
 def plan_gpus(cfg: Config, executor: str, host_gb: float) -> Plan:
-    job, model = cfg.job, cfg.model
+    """The fastest layout that fits (hpc.layouts, hpc.steptime), with its ranks, memory table and prediction."""
+    job = cfg.job
     try:
-        shape = resolve_shape(model.path, model.arch)
+        shape = resolve_shape(cfg.model.path, cfg.model.arch)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     card = GPU_MEMORY_GB.get(job.gpu_type)
@@ -146,53 +158,115 @@ def plan_gpus(cfg: Config, executor: str, host_gb: float) -> Plan:
         raise ConfigError(f"job.gpu_type={job.gpu_type!r} has no memory size here; known: "
                           f"{', '.join(sorted(GPU_MEMORY_GB))}")
     total, per_node = job.nodes * job.gpus_per_node, job.gpus_per_node
-    tp, engine, seqs = pick_tp(cfg, shape, card)
-    kv_note = f"each engine's KV cache holds {seqs} sequences of {seq_len(cfg)} tokens"
-    if total == 1:
-        plan = plan_shared_gpu(cfg, shape, card, engine, executor)
-        plan.notes.append(kv_note)
-        return plan
-    trainer_gpus, trainer_est, tokens, misfit = pick_trainers(cfg, shape, card, total, tp, host_gb)
-    if trainer_gpus is None:
-        raise ConfigError(misfit)
-    check_split(cfg, trainer_gpus)
-    table = memory.format_estimates([trainer_est, engine], card, job.gpu_type)
-    notes = [kv_note, sync_note(cfg, shape, crosses_nodes=job.nodes > 1)]
-    return Plan(executor=executor, device="cuda", nodes=job.nodes, tasks_per_node=per_node,
-                trainers=list(range(trainer_gpus)), rollouts=list(range(trainer_gpus, total)),
-                gpu_type=job.gpu_type, gpus_per_node=per_node, tp=tp, tokens_per_micro_batch=tokens,
-                memory_table=table, notes=notes)
+    pick_tp(cfg, shape, card)  # refuses an engine that fits no node, whatever the layout
+    search = layouts.Search(cfg, shape, nodes=job.nodes, per_node=per_node, host_gb=host_gb)
+    found = search.candidates()
+    chosen, alternatives, notes = layouts.choose(cfg, found, total)
+    if chosen is None:
+        raise ConfigError(misfit(cfg, shape, card, total, host_gb, found))
+    seed = search.verl_seed() if total > 1 and cfg.job.layout != "split" else None
+    if seed is not None and seed.settings != chosen.settings and cfg.model.param_offload is not False:
+        alternatives.append(seed)
+    c, p = chosen, chosen.prediction
+    if p.layout == "colocated":
+        if total > 1:
+            check_split(cfg, total)
+        tasks = 2 * per_node  # local ranks 0..N-1 train, N..2N-1 are their engines on the same GPUs
+        trainers = [n * tasks + i for n in range(job.nodes) for i in range(per_node)]
+        rollouts = [n * tasks + per_node + i for n in range(job.nodes) for i in range(per_node)]
+        table = memory.format_estimates(phase_estimates(c), card, job.gpu_type)
+        share = ("engine and trainer fit together: the engine stays awake" if c.engine_awake else
+                 "the engine sleeps during the update; the trainer keeps only its resident state while it generates")
+        notes.append(f"colocated: {share}; engine memory share {c.utilization:.2f} of each GPU")
+    else:
+        check_split(cfg, p.trainers)
+        tasks, trainers, rollouts = per_node, list(range(p.trainers)), list(range(p.trainers, total))
+        table = memory.format_estimates([c.trainer, c.engine], card, job.gpu_type)
+    notes = [f"each engine's KV cache holds {p.kv_seqs} sequences of {seq_len(cfg)} tokens",
+             sync_note(cfg, shape, crosses_nodes=job.nodes > 1, colocated_one_gpu=total == 1,
+                       param_offload=c.settings["model.param_offload"]),
+             settings_note(cfg, c.settings)] + notes
+    return Plan(executor=executor, device="cuda", nodes=job.nodes, tasks_per_node=tasks, trainers=trainers,
+                rollouts=rollouts, gpu_type=job.gpu_type, gpus_per_node=per_node, tp=p.tp,
+                tokens_per_micro_batch=c.tokens, memory_table=table, notes=notes, layout=p.layout,
+                time_share=p.layout == "colocated" and not c.engine_awake,
+                settings={**c.settings, "rollout.gpu_memory_utilization": c.utilization},
+                prediction={"label": p.label, **p.phases()},
+                alternatives=[{"label": a.prediction.label, **a.prediction.phases()} for a in alternatives])
 
 
-def plan_shared_gpu(cfg: Config, shape: ModelShape, card: float, engine: memory.Estimate, executor: str) -> Plan:
-    """One GPU: a trainer process and an engine process share it, so their memory adds up."""
-    tokens = cfg.train.max_tokens_per_gpu or seq_len(cfg) * 8
-    while True:
-        est = trainer_estimate(cfg, shape, 1, tokens)
-        if est.gpu_total + engine.gpu_total <= card * 0.95:
-            break
-        if tokens // 2 < seq_len(cfg):
-            raise ConfigError(f"{shape.name} training and its engine do not fit one {card:.0f} GB GPU together: "
-                              f"{est.gpu_total:.0f} + {engine.gpu_total:.0f} GB; use 2 GPUs (the h100x2 preset) "
-                              "or lower rollout.max_num_seqs")
-        tokens //= 2
-    check_split(cfg, 1)
-    table = memory.format_estimates([est, engine], card, cfg.job.gpu_type)
-    colocated = cfg.job.layout == "colocated"
-    return Plan(executor=executor, device="cuda", nodes=1, tasks_per_node=2, trainers=[0], rollouts=[1],
-                gpu_type=cfg.job.gpu_type, gpus_per_node=1, tp=1, tokens_per_micro_batch=tokens,
-                memory_table=table, notes=["trainer and engine share the GPU"],
-                layout="colocated" if colocated else "split", time_share=colocated)
+def phase_estimates(c: layouts.Candidate) -> list[memory.Estimate]:
+    """A colocated GPU's memory in its two phases: the update (the trainer, the engine asleep or awake) and
+    generation (the trainer's resident state, the engine)."""
+    update, gen = memory.Estimate("update"), memory.Estimate("generate")
+    update.gpu.update(c.trainer.gpu)
+    update.host.update(c.trainer.host)
+    gen.gpu.update({k: v for k, v in c.trainer.gpu.items() if k in layouts.RESIDENT})
+    gen.host.update(c.trainer.host)
+    engine = {f"engine: {k}": v for k, v in c.engine.gpu.items()}
+    gen.gpu.update(engine)
+    if c.engine_awake:
+        update.gpu.update(engine)
+    else:
+        update.gpu["engine: asleep (CUDA context)"] = memory.CUDA_CONTEXT_GB
+    return [update, gen]
 
 
-# Weight-sync bandwidth end to end (gathers, buckets, loading included): measured on H200s over NVLink (GPU_NOTES.md,
-# grpo.weight_sync.MEASURED_NVLINK_SYNC_GBPS). Between nodes the NIC bounds it; 400 Gb/s InfiniBand is assumed there,
-# not measured.
-SYNC_GBPS_NVLINK = 300.0
-SYNC_GBPS_NETWORK = 50.0
+def settings_note(cfg: Config, chosen: dict) -> str:
+    words = {"model.activation_checkpointing": "activation checkpointing", "model.optimizer_offload":
+             "optimizer offload", "model.param_offload": "parameter offload"}
+    parts = []
+    for key, word in words.items():
+        asked = getattr(cfg.model, key.split(".")[1])
+        parts.append(f"{word} {'on' if chosen[key] else 'off'}" + (" (set)" if asked is not None else ""))
+    return ("memory: " + ", ".join(parts) + "; unset ones are the planner's: the fastest combination that fits, "
+            "with the fewest savings")
 
 
-def sync_note(cfg: Config, shape: ModelShape, *, crosses_nodes: bool) -> str:
+def misfit(cfg: Config, shape: ModelShape, card: float, total: int, host_gb: float, found) -> str:
+    """Why no layout fits: the largest trainer pool at the smallest budget with every allowed saving."""
+    floor, per_node = seq_len(cfg), cfg.job.gpus_per_node
+    split = cfg.job.layout == "split" or (cfg.job.layout == "auto" and (cfg.job.trainer_ranks or
+                                                                        cfg.train.off_policy_steps))
+    biggest = total
+    if split:  # the largest trainer pool a split could have
+        counts = ([cfg.job.trainer_ranks] if cfg.job.trainer_ranks else
+                  [k * per_node for k in range(1, cfg.job.nodes)] if cfg.job.nodes > 1 else range(1, per_node))
+        biggest = max([t for t in counts if splits(cfg, t)] or counts)
+    option = layouts.memory_options(cfg)[-1]
+    est = layouts.trainer_estimate(cfg, shape, biggest, floor, option)
+    state = shape.params * (16 if not cfg.model.lora_rank else 2) / 1e12
+    kind = "LoRA" if cfg.model.lora_rank else "full-parameter"
+    why = (f"{shape.name} {kind} training on {biggest} x {card:.0f} GB does not fit: "
+           f"{est.gpu_total:.0f} GB per GPU at {floor} tokens per micro-batch ("
+           f"~{state:.2f} TB of training state over {biggest} GPUs"
+           + (f", {est.host_total * min(biggest, per_node):.0f} GB offloaded per node of {host_gb:.0f} GB"
+              if host_gb and est.host else "") + ")")
+    hint = "allow model.param_offload / model.optimizer_offload (unset them), use LoRA (model.lora_rank), or more GPUs"
+    if option[2]:
+        hint = "use LoRA (model.lora_rank, the h100x8-lora preset) or more GPUs (32, the h800x32 preset)"
+    if found:  # another layout fits: the config ruled it out
+        hint = (f"{found[0].prediction.label} fits: set job.layout=auto, job.trainer_ranks=0 and "
+                "train.off_policy_steps=0")
+    return f"{why}; {hint}"
+
+
+def apply_settings(cfg: Config, plan: dict) -> Config:
+    """`cfg` with the planner's choices (Plan.settings) filled in: what every rank runs with."""
+    cfg = copy_config(cfg)
+    for key, value in plan.get("settings", {}).items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+# Weight-sync bandwidths (grpo.hardware says where each was measured or why it is assumed)
+SYNC_GBPS_NVLINK = hardware.SYNC_GBPS_NVLINK
+SYNC_GBPS_NETWORK = hardware.SYNC_GBPS_NETWORK
+
+
+def sync_note(cfg: Config, shape: ModelShape, *, crosses_nodes: bool, colocated_one_gpu: bool = False,
+              param_offload: bool | None = None) -> str:
     """The expected weight-sync time per step: bf16 weights over the expected bandwidth. What travels: every weight
     (full fine-tuning); with LoRA the adapters (native engine) or, for vLLM, the adapted weights merged (the first
     sync also sends the others once; grpo.vllm_engine says why)."""
@@ -205,9 +279,15 @@ def sync_note(cfg: Config, shape: ModelShape, *, crosses_nodes: bool) -> str:
         nbytes, what = 2 * shape.lora_params(m.lora_rank), "LoRA adapters"
     else:
         nbytes, what = 2 * shape.params, "weights"
-    gbps, link = (SYNC_GBPS_NETWORK, "400 Gb/s network, assumed") if crosses_nodes else (SYNC_GBPS_NVLINK,
-                                                                                         "NVLink, measured")
-    if m.param_offload and (m.lora_rank == 0 or cfg.rollout.engine == "vllm"):  # the base shards live on the host
+    if colocated_one_gpu:
+        gbps, link = hardware.SYNC_GBPS_IPC, "CUDA IPC on the same GPU, measured"
+    elif crosses_nodes:
+        gbps, link = SYNC_GBPS_NETWORK, "400 Gb/s network, assumed"
+    else:
+        gbps = hardware.nvlink_sync_gbps(hardware.gpu(cfg.job.gpu_type))
+        link = "NVLink, measured" if gbps == SYNC_GBPS_NVLINK else "NVLink, scaled from the H200 measurement"
+    offloaded = m.param_offload if param_offload is None else param_offload
+    if offloaded and (m.lora_rank == 0 or cfg.rollout.engine == "vllm"):  # the base shards live on the host
         extra += "; not counted: the trainers first copy their offloaded shards of it to their GPUs (PCIe)"
     seconds = nbytes / gbps / 1e9
     took = f"{seconds:.1f} s" if seconds >= 0.1 else f"{seconds * 1e3:.0f} ms"
@@ -256,66 +336,6 @@ def pick_tp(cfg: Config, shape: ModelShape, card: float) -> tuple[int, memory.Es
         f"an engine for {shape.name} does not fit one node of {per_node} x {card:.0f} GB at "
         f"rollout.gpu_memory_utilization={r.gpu_memory_utilization}: at TP={tp} its KV cache holds {seqs} "
         f"sequences of {seq_len(cfg)} tokens, fewer than {need}; use larger GPUs or shorter sequences")
-
-
-def trainer_estimate(cfg: Config, shape: ModelShape, gpus: int, tokens: int) -> memory.Estimate:
-    m = cfg.model
-    return memory.trainer_memory(
-        shape, gpus=gpus, tokens_per_micro_batch=tokens, lora_rank=m.lora_rank, param_offload=m.param_offload,
-        optimizer_offload=m.optimizer_offload, activation_checkpointing=m.activation_checkpointing,
-        reference=cfg.algo.kl_coef > 0, reference_offload=m.param_offload,
-        logprob="torch" if cfg.algo.kernels == "torch" else "fused",
-        response_tokens=tokens * cfg.rollout.max_new_tokens // seq_len(cfg), defer_grad_sync=cfg.train.defer_grad_sync)
-
-
-def pick_trainers(cfg: Config, shape: ModelShape, card: float, total: int, tp: int, host_gb: float):
-    """Trainer GPUs (whole nodes when there are several), closest to the target share, that fit memory.
-
-    Returns (trainer GPUs, estimate, tokens per micro-batch, None) or (None, None, 0, why it does not fit).
-    """
-    job, per_node = cfg.job, cfg.job.gpus_per_node
-    if job.trainer_ranks:
-        candidates = [job.trainer_ranks]
-    elif job.nodes > 1:
-        candidates = [k * per_node for k in range(1, job.nodes)]
-    else:
-        candidates = list(range(1, per_node))
-    rows = cfg.data.prompts_per_step * cfg.rollout.n
-    candidates = [t for t in candidates if (total - t) >= tp and (total - t) % tp == 0 and t < total
-                  and splits(cfg, t)]
-    if not candidates:
-        raise ConfigError(f"{total} GPUs leave no trainer pool that takes {rows} responses in "
-                          f"{cfg.train.mini_batches} mini-batch(es) beside engines of TP={tp}; "
-                          "set job.trainer_ranks, rollout.tensor_parallel or data.prompts_per_step")
-    # memory per GPU only falls as the pool grows: start at the target share and grow until it fits
-    target = total * job.trainer_fraction
-    start = next((i for i, t in enumerate(sorted(candidates)) if t >= target), len(candidates) - 1)
-    floor = seq_len(cfg)
-    for t in sorted(candidates)[start:]:
-        tokens = cfg.train.max_tokens_per_gpu or floor * 8
-        while tokens >= floor:
-            est = trainer_estimate(cfg, shape, t, tokens)
-            if fits(est, card, t, per_node, host_gb):
-                return t, est, tokens, None
-            tokens //= 2
-    biggest = max(candidates)
-    est = trainer_estimate(cfg, shape, biggest, floor)
-    state = shape.params * (16 if not cfg.model.lora_rank else 2) / 1e12
-    kind = "LoRA" if cfg.model.lora_rank else "full-parameter"
-    why = (f"{shape.name} {kind} training on {biggest} x {card:.0f} GB does not fit: "
-           f"{est.gpu_total:.0f} GB per GPU at {floor} tokens per micro-batch ("
-           f"~{state:.2f} TB of training state over {biggest} GPUs"
-           + (f", {est.host_total * min(biggest, per_node):.0f} GB offloaded per node of {host_gb:.0f} GB"
-              if host_gb and est.host else "") + ")")
-    hint = "turn on model.param_offload / model.optimizer_offload, use LoRA (model.lora_rank), or more GPUs"
-    if cfg.model.param_offload and cfg.model.optimizer_offload:
-        hint = "use LoRA (model.lora_rank, the h100x8-lora preset) or more GPUs (32, the h800x32 preset)"
-    return None, None, 0, f"{why}; {hint}"
-
-
-def fits(est: memory.Estimate, card: float, gpus: int, per_node: int, host_gb: float) -> bool:
-    host_ok = not host_gb or est.host_total * min(gpus, per_node) <= host_gb * 0.9
-    return est.gpu_total <= card * 0.95 and host_ok
 
 
 def choose_nodes(cfg: Config, cluster):
@@ -375,15 +395,37 @@ def format_plan(cfg: Config, plan: Plan) -> str:
         + (f", {plan.tokens_per_micro_batch} tokens per micro-batch" if plan.tokens_per_micro_batch else ""),
         f"  rollout    ranks {fmt_ranks(plan.rollouts)}: {r.engine} engine"
         + (f", {len(plan.rollouts) // plan.tp} engine(s) of TP={plan.tp} inside a node" if plan.device == "cuda"
-           else ""),
+           else "") + (", each on its trainer's GPU (colocated)" if plan.layout == "colocated" else ""),
         f"  batch      {d.prompts_per_step} prompts x {r.n} samples, {r.max_new_tokens} new tokens, "
         f"{cfg.train.mini_batches} mini-batch(es), {cfg.train.steps} steps, task {d.task!r}",
     ]
     if plan.memory_table:
         lines.append(plan.memory_table)
+    if plan.prediction:
+        lines += format_prediction(plan)
     lines += [f"  note       {n}" for n in plan.notes]
     return "\n".join(lines)
 
 
+def format_prediction(plan: Plan) -> list[str]:
+    """The chosen layout's seconds per phase beside the best alternatives (hpc.steptime)."""
+    rows = [("chosen", plan.prediction)] + [("", a) for a in plan.alternatives]
+    width = max(len(r["label"]) for _, r in rows) + 2
+    head = "".join(f"{p:>11}" for p in (*steptime.PHASES, "step"))
+    lines = ["  step time  predicted seconds per step (hpc.steptime; responses at full length, grpo.hardware's "
+             "constants)", f"  {'':<8}{'layout':<{width}}{head}"]
+    for tag, r in rows:
+        lines.append(f"  {tag:<8}{r['label']:<{width}}" + "".join(f"{r[p]:>11.2f}" for p in (*steptime.PHASES,
+                                                                                              "step")))
+    return lines
+
+
 def fmt_ranks(ranks: list[int]) -> str:
-    return f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+    """Runs of consecutive ranks: "0-7,16-23" (a colocated plan's trainers), "3", "0-15"."""
+    runs, start = [], 0
+    for i in range(1, len(ranks) + 1):
+        if i == len(ranks) or ranks[i] != ranks[i - 1] + 1:
+            a, b = ranks[start], ranks[i - 1]
+            runs.append(f"{a}" if a == b else f"{a}-{b}")
+            start = i
+    return ",".join(runs)

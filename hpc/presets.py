@@ -4,8 +4,9 @@ The three 70B presets reproduce verl's `examples/tuning/70b` scripts (qwen2-70b_
 qwen2-70b_grpo_32_h800_fsdp_vllm.sh, qwen2-72b_grpo-lora_8_h100_fsdp_vllm.sh at volcengine/verl b178a3cd) with
 their hyperparameters. Where we differ by design:
 - rollout tensor parallelism stays inside a node (the seeds use TP=16 across two nodes); the planner picks it;
-- trainers and engines have GPUs of their own, so an engine may take 0.85 of its GPU (the seeds' 0.6 and 0.4
-  leave room for the colocated trainer);
+- the layout (colocated as the seeds, or trainer and rollout GPUs of their own), activation checkpointing and
+  offload are the planner's choice from its step-time and memory models (the seeds switch every saving on); an
+  engine takes at most 0.85 of its GPU, less where a colocated trainer keeps state beside it;
 - the H20 seed reads an undefined `$data_path`; we use the H800 seed's GSM8K file.
 `model.path` and `data.train_path` name the seeds' files; point them at yours with --set.
 """
@@ -43,8 +44,7 @@ def h800x32() -> Config:
     """Qwen2-72B-Instruct, full-parameter GRPO on 4 nodes x 8 H800 (80 GB), everything offloaded."""
     return Config(
         name="h800x32",
-        model=ModelConfig(path="~/models/Qwen2-72B-Instruct", arch="Qwen2-72B", dtype="bfloat16",
-                          activation_checkpointing=True, param_offload=True, optimizer_offload=True),
+        model=ModelConfig(path="~/models/Qwen2-72B-Instruct", arch="Qwen2-72B", dtype="bfloat16"),
         data=DataConfig(task="dataset", train_path="~/data/rlhf/gsm8k/train.parquet", prompts_per_step=1024,
                         max_prompt_len=512),
         rollout=RolloutConfig(engine="vllm", n=5, max_new_tokens=512, temperature=1.0, max_num_seqs=256),
@@ -68,8 +68,7 @@ def h100x8_lora() -> Config:
     return Config(
         name="h100x8-lora",
         model=ModelConfig(path="~/models/Qwen2.5-72B-Instruct", arch="Qwen2.5-72B", dtype="bfloat16",
-                          lora_rank=32, lora_alpha=32, lora_targets="all-linear", activation_checkpointing=True,
-                          param_offload=True, optimizer_offload=True),
+                          lora_rank=32, lora_alpha=32, lora_targets="all-linear"),
         data=DataConfig(task="dataset", train_path="data/gsm8k/train.parquet", prompts_per_step=176,
                         max_prompt_len=512),
         rollout=RolloutConfig(engine="vllm", n=5, max_new_tokens=1024, temperature=1.0, max_num_seqs=512),
@@ -84,8 +83,7 @@ def h100x2() -> Config:
     """Qwen2.5-1.5B full-parameter GRPO on 2 GPUs: one trainer, one native engine."""
     return Config(
         name="h100x2",
-        model=ModelConfig(path="~/models/Qwen2.5-1.5B-Instruct", arch="Qwen2.5-1.5B", dtype="bfloat16",
-                          activation_checkpointing=True),
+        model=ModelConfig(path="~/models/Qwen2.5-1.5B-Instruct", arch="Qwen2.5-1.5B", dtype="bfloat16"),
         data=DataConfig(task="dataset", train_path="data/gsm8k/train.parquet", prompts_per_step=8,
                         max_prompt_len=128),
         rollout=RolloutConfig(engine="native", n=8, max_new_tokens=512, max_num_seqs=64),

@@ -13,8 +13,7 @@ import torch
 ROOT = Path(__file__).parents[2]
 
 
-@pytest.mark.parametrize("gpus, mode", [(2, "split"), (1, "split"), (2, "off-policy"), (1, "off-policy"),
-                                        (1, "colocated")])
+@pytest.mark.parametrize("gpus, mode", [(2, "split"), (2, "off-policy"), (1, "colocated")])
 def test_local_preset_on_gpus(tmp_path, gpus, mode):
     if torch.cuda.device_count() < gpus:
         pytest.skip(f"needs {gpus} GPUs")

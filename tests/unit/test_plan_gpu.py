@@ -33,19 +33,28 @@ def cluster(*nodes, state="up", timelimit_s=None):
 def test_seed_presets_fit_their_nominal_hardware(name):
     cfg = get_preset(name)
     plan = plan_job(cfg)
-    per_node = cfg.job.gpus_per_node
-    assert plan.world_size == cfg.job.nodes * per_node or plan.world_size == 2
-    assert plan.trainers == list(range(len(plan.trainers))) and plan.rollouts[0] == len(plan.trainers)
+    per_node, gpus = cfg.job.gpus_per_node, cfg.job.nodes * cfg.job.gpus_per_node
+    if plan.layout == "colocated":
+        # two tasks per GPU: local ranks 0..N-1 train, N..2N-1 are engines on the same GPUs (local rank % N)
+        assert plan.tasks_per_node == 2 * per_node and plan.world_size == 2 * gpus
+        for n in range(cfg.job.nodes):
+            first = n * 2 * per_node
+            local = lambda ranks: [r - first for r in ranks if first <= r < first + 2 * per_node]  # noqa: E731
+            assert local(plan.trainers) == list(range(per_node))
+            assert local(plan.rollouts) == list(range(per_node, 2 * per_node))
+    else:
+        assert plan.world_size == gpus
+        assert plan.trainers == list(range(len(plan.trainers))) and plan.rollouts[0] == len(plan.trainers)
+        assert len(plan.trainers) % plan.tp == 0 and len(plan.rollouts) % plan.tp == 0
     # engines stay inside a node: TP divides the node and no engine straddles a node boundary
     assert per_node % plan.tp == 0
-    if plan.world_size > 2:
-        assert len(plan.trainers) % plan.tp == 0 and len(plan.rollouts) % plan.tp == 0
     assert plan.tokens_per_micro_batch >= cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
     assert "total on GPU" in plan.memory_table
 
 
 def test_h800x32_trains_on_whole_nodes_and_keeps_tp_inside_a_node():
-    plan = plan_job(get_preset("h800x32"))
+    plan = plan_job(preset("h800x32", "job.layout=split"))
+    assert plan.layout == "split"
     assert len(plan.trainers) % 8 == 0 and 8 <= len(plan.trainers) < 32
     assert plan.tp <= 8  # the seed's TP=16 spans two nodes
 
@@ -57,9 +66,14 @@ def test_72b_full_training_on_one_node_is_refused_with_what_would_fit():
     assert "does not fit" in msg and "h100x8-lora" in msg and "TB" in msg
 
 
-def test_without_offload_72b_needs_more_than_32_gpus():
+def test_without_offload_72b_split_needs_more_than_32_gpus():
+    """16 trainer GPUs cannot hold 16 bytes per parameter of 72B; colocated, all 32 GPUs train and it fits."""
+    no_offload = ("model.param_offload=false", "model.optimizer_offload=false")
     with pytest.raises(ConfigError, match="does not fit"):
-        plan_job(preset("h800x32", "model.param_offload=false", "model.optimizer_offload=false"))
+        plan_job(preset("h800x32", *no_offload, "job.layout=split"))
+    plan = plan_job(preset("h800x32", *no_offload))
+    assert plan.layout == "colocated" and len(plan.trainers) == 32
+    assert not plan.settings["model.param_offload"] and not plan.settings["model.optimizer_offload"]
 
 
 def test_micro_batch_budget_shrinks_to_fit():
@@ -113,7 +127,7 @@ def test_a_down_partition_and_an_unknown_partition_are_refused():
 def test_host_memory_of_the_nodes_is_checked():
     small = cluster(*(node(f"g{i}", memory_mb=256 * 1024) for i in range(4)))
     with pytest.raises(ConfigError, match="offloaded per node"):
-        plan_job(preset("h800x32"), small)
+        plan_job(preset("h800x32", "model.param_offload=true"), small)
 
 
 def test_known_cards():

@@ -31,10 +31,12 @@ def test_h800x32_script_matches_the_golden_file():
     assert text == GOLDEN.read_text()
 
 
-def test_one_task_per_gpu_with_typed_gres():
-    cfg = get_preset("h100x8-lora")
+@pytest.mark.parametrize("layout, tasks", [("split", 8), ("colocated", 16)])
+def test_one_task_per_gpu_role_with_typed_gres(layout, tasks):
+    """A split plan runs one task per GPU; a colocated plan two (a trainer and an engine on each GPU)."""
+    cfg = apply_overrides(get_preset("h100x8-lora"), [f"job.layout={layout}"])
     text = render_sbatch(cfg, plan_job(cfg), Path("/r"))
-    assert "#SBATCH --nodes=1\n" in text and "#SBATCH --ntasks-per-node=8\n" in text
+    assert "#SBATCH --nodes=1\n" in text and f"#SBATCH --ntasks-per-node={tasks}\n" in text
     assert "#SBATCH --gres=gpu:h100:8\n" in text and " --kill-on-bad-exit=1 " in text
 
 
