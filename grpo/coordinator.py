@@ -97,6 +97,8 @@ class Rollouts:
                 "gen_t0": min(s["t0"] for s in stats), "gen_t1": max(s["t1"] for s in stats)}
         if "gpu_peak_gib" in stats[0]:
             info["engine_peak_gib"] = max(s["gpu_peak_gib"] for s in stats)
+        if "device_used_gib" in stats[0]:  # the whole GPU, engine and whatever shares it, as generation ends
+            info["gen_device_used_gib"] = max(s["device_used_gib"] for s in stats)
         rewards = torch.tensor([x.score(self.source.response_text(c))
                                 for x, group in zip(items, groups_out) for c in group], dtype=torch.float32)
         adv = self.advantage_fn(rewards.to(self.device), cfg.rollout.n, eps=cfg.algo.adv_eps,

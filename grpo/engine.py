@@ -95,5 +95,7 @@ class NativeRollout:
         device = self.engine.device
         if device.type != "cuda":
             return {}
+        free, total = torch.cuda.mem_get_info(device)
         return {"gpu_peak_gib": torch.cuda.max_memory_reserved(device) / 2**30,
-                "gpu_peak_alloc_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+                "gpu_peak_alloc_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+                "device_used_gib": (total - free) / 2**30}

@@ -317,11 +317,14 @@ class Trainer:
         stats = train_step(self.models, batch, self.cfg, self.ranks)
         self.rollouts.trained()
         t2, wall2 = time.perf_counter(), time.time()
+        used = device_used(self.device)  # the whole GPU as the update ends (colocated: the engine's share too)
         trace(f"step {step}: updated")
         pending = self.rollouts.collect() if look_ahead else None
         t3 = time.perf_counter()
         if self.swap is not None:
             self.swap.offload()
+        if self.roles.time_share and self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the caching allocator's blocks go back to the GPU, for the engine to wake into
         self.halt = self.sync(step)
         t4 = time.perf_counter()
         trace(f"step {step}: weights sent")
@@ -330,7 +333,7 @@ class Trainer:
             row = {"step": step, **info, **{k: float(v) for k, v in stats.items()},
                    "lr": self.models.sched.get_last_lr()[0], "rollout_s": t1 - t0, "update_s": t2 - t1,
                    "next_batch_wait_s": t3 - t2, "sync_s": t4 - t3, "step_s": t4 - t0,
-                   "update_t0": wall1, "update_t1": wall2, **gpu_memory(self.device, prefix="trainer_")}
+                   "update_t0": wall1, "update_t1": wall2, **used, **gpu_memory(self.device, prefix="trainer_")}
         return row, pending
 
     def export(self) -> None:
@@ -340,6 +343,13 @@ class Trainer:
             save_tokenizer(self.tok, out)
         elif self.driver:
             self.tok.save_pretrained(out)
+
+
+def device_used(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    free, total = torch.cuda.mem_get_info(device)
+    return {"update_device_used_gib": (total - free) / 2**30}
 
 
 def gpu_memory(device: torch.device, prefix: str = "") -> dict:

@@ -188,7 +188,12 @@ class VLLMEngine:
             self._asleep -= set(tags)
 
     def memory_stats(self) -> dict:
-        return {}  # the memory is the worker processes'
+        """The whole GPU's memory in use right after a generation (the worker processes hold the engine's; this
+        process sees only the device's total)."""
+        if not torch.cuda.is_available():
+            return {}
+        free, total = torch.cuda.mem_get_info()
+        return {"device_used_gib": (total - free) / 2**30}
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
         raise TypeError("a vLLM engine's weights live in its worker processes: use join_weight_sync once, then "

@@ -243,7 +243,8 @@ class Search:
         sync = (steptime.sync_one_gpu_s(nbytes) if self.total == 1
                 else steptime.sync_split_s(nbytes, self.card, crosses_nodes=self.nodes > 1))
         engines, best = self.total // tp, None
-        for awake in (True, False):
+        free = self.cfg.rollout.free_cache_engine
+        for awake in [a for a in (True, False) if free is None or a != free]:
             share = min(util, (room - (est.gpu_total if awake else resident)) / self.card_gb)
             engine, seqs = engine_estimate(self.cfg, self.shape, tp, self.card_gb, share)
             weights_only = engine.gpu_total - engine.gpu.get("KV cache", 0)
