@@ -324,8 +324,10 @@ class Trainer:
         if self.swap is not None:
             self.swap.offload()
         if self.roles.time_share and self.device.type == "cuda":
-            torch.cuda.empty_cache()  # the caching allocator's blocks go back to the GPU, for the engine to wake into
+            torch.cuda.empty_cache()  # the allocator's cached blocks go back to the GPU, for the engine to wake into
         self.halt = self.sync(step)
+        if self.roles.time_share and self.device.type == "cuda":
+            torch.cuda.empty_cache()  # and the sync's buckets, before the engine wakes its KV cache
         t4 = time.perf_counter()
         trace(f"step {step}: weights sent")
         row = None

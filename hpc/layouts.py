@@ -33,6 +33,7 @@ from hpc.steptime import Prediction, TrainSetup
 HEADROOM = 0.95  # share of a card a plan may fill (allocator fragmentation)
 BUCKET_GB = 1.0  # the sync's default bucket (rollout.sync_bucket_mb); two are in flight on each side
 # trainer components that stay on the GPU between phases (the rest are freed after every update)
+SLEEP_SLACK = 0.05  # share of the card left free beside a woken engine and the trainer's resident state
 RESIDENT = ("parameters (fp32 shards)", "AdamW states (fp32)", "reference (bf16 shards)", "base weights (bf16, frozen)",
             "adapters + grads", "AdamW states (adapters)", "CUDA context")
 
@@ -245,7 +246,11 @@ class Search:
         engines, best = self.total // tp, None
         free = self.cfg.rollout.free_cache_engine
         for awake in [a for a in (True, False) if free is None or a != free]:
-            share = min(util, (room - (est.gpu_total if awake else resident)) / self.card_gb)
+            # asleep, the trainer's resident state is not all that stays: the sync buckets, the rollout process's own
+            # CUDA context and the allocators' slack too (on an H200, an engine given all the rest failed to wake)
+            others = est.gpu_total if awake else (resident + 2 * BUCKET_GB + memory.CUDA_CONTEXT_GB
+                                                 + SLEEP_SLACK * self.card_gb)
+            share = min(util, (room - others) / self.card_gb)
             engine, seqs = engine_estimate(self.cfg, self.shape, tp, self.card_gb, share)
             weights_only = engine.gpu_total - engine.gpu.get("KV cache", 0)
             if seqs < self.need_seqs or (awake and est.gpu_total + engine.gpu_total > room) or (

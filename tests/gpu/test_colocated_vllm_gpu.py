@@ -29,6 +29,7 @@ def test_colocated_vllm_time_shares_one_gpu(tmp_path):
     sets = {"model.path": model, "model.arch": "", "data.train_path": prompts, "data.prompts_per_step": 8,
             "data.max_prompt_len": 128, "rollout.engine": "vllm", "rollout.n": 8, "rollout.max_new_tokens": 512,
             "rollout.ignore_eos": "true", "rollout.free_cache_engine": "true", "job.layout": "colocated",
+            "rollout.gpu_memory_utilization": 0.6,
             "job.gpu_type": "h200", "model.activation_checkpointing": "false", "train.steps": 3,
             "train.export_hf": "false", "job.executor": "local", "out_dir": tmp_path / "runs"}
     args = [sys.executable, "-m", "hpc.submit", "--preset", "h100x1"]
