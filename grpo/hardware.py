@@ -36,7 +36,9 @@ GPUS = {
 DECODE_HBM_EFF = 0.82  # fitted: share of HBM bandwidth a decode step's weight + KV reads reach. From two native-
 #   engine figures (GPU_NOTES "The whole loop on GPUs"): 64 x 512 tokens of Qwen2.5-1.5B in 1.52-1.62 s on an H200
 #   (h100x1 call 3, h100x2 call 5) and 1.81 s on an H100 (LoRA merged, call 6): the card gap fixes bytes vs overhead.
-DECODE_STEP_OVERHEAD_S = {"native": 1.9e-3,  # fitted with DECODE_HBM_EFF: launches, sampling, host work per step
+DECODE_STEP_OVERHEAD_S = {"native": 1.7e-3,  # fitted with DECODE_HBM_EFF: launches, sampling, host work per step;
+#                          1.9e-3 before the decode step fused q/k/v and gate/up (2.69 vs 3.06 ms a step at batch 64,
+#                          grpo.bench.decode on an H200, GPU_NOTES "This session")
                           "vllm": 1.0e-3}  # assumed: CUDA graphs + V1's async scheduler; no vLLM figure at scale yet
 DECODE_FLOPS_EFF = 0.5  # assumed: skinny decode matmuls (batch <= 512 rows) at half the bf16 peak; binds on H20
 PREFILL_FLOPS_EFF = 0.5  # assumed: prompt prefill at half the bf16 peak (prompts are short: small share of a step)
