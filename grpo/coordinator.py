@@ -94,7 +94,7 @@ class Rollouts:
         groups_out = reassemble([r[0] for r in replies], len(items))
         stats = [r[1] for r in replies]
         info = {"generate_s": max(s["generate_s"] for s in stats),  # the slowest engine sets the pace
-                "gen_t0": min(s["t0"] for s in stats), "gen_t1": max(s["t1"] for s in stats)}
+                "gen_start_s": min(s["t0"] for s in stats), "gen_end_s": max(s["t1"] for s in stats)}
         if "gpu_peak_gib" in stats[0]:
             info["engine_peak_gib"] = max(s["gpu_peak_gib"] for s in stats)
         if "device_used_gib" in stats[0]:  # the whole GPU, engine and whatever shares it, as generation ends

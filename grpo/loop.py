@@ -335,7 +335,8 @@ class Trainer:
             row = {"step": step, **info, **{k: float(v) for k, v in stats.items()},
                    "lr": self.models.sched.get_last_lr()[0], "rollout_s": t1 - t0, "update_s": t2 - t1,
                    "next_batch_wait_s": t3 - t2, "sync_s": t4 - t3, "step_s": t4 - t0,
-                   "update_t0": wall1, "update_t1": wall2, **used, **gpu_memory(self.device, prefix="trainer_")}
+                   "update_start_s": wall1, "update_end_s": wall2,  # wall clock: overlap checks across ranks
+                   **used, **gpu_memory(self.device, prefix="trainer_")}
         return row, pending
 
     def export(self) -> None:

@@ -92,13 +92,13 @@ def test_off_policy_generates_the_next_batch_during_the_update(tmp_path):
     # batch 1 comes from the initial weights; every later one from the weights one update older than the trainer's
     assert [r["weights_age"] for r in rows] == [0] + [1] * (steps - 1)
     for k in range(steps - 1):  # the generation of batch k+1 started before the update of batch k ended
-        assert rows[k + 1]["gen_t0"] < rows[k]["update_t1"], (k, rows[k + 1]["gen_t0"], rows[k]["update_t1"])
+        assert rows[k + 1]["gen_start_s"] < rows[k]["update_end_s"], (k, rows[k + 1], rows[k])
     for r in rows:  # verl's rollout correction is on (token level), its weights truncated at the threshold
         assert 0 < r["rollout_is_mean"] <= 2.0 and r["rollout_is_max"] > 0
         assert 0 <= r["rollout_is_truncated"] <= 1
     on, _ = run(tmp_path, "on", f"train.steps={steps}")
     for k in range(steps - 1):  # on-policy the engine waits for the update: no overlap
-        assert on[k + 1]["gen_t0"] > on[k]["update_t1"]
+        assert on[k + 1]["gen_start_s"] > on[k]["update_end_s"]
 
 
 def test_colocated_engine_sleeps_through_every_update(tmp_path):
