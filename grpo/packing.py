@@ -27,6 +27,10 @@ except ImportError:  # older torch: the SDPA fallback serves
     _varlen_attn = None
 
 VARLEN = "grpo_varlen"  # the name of `hf_varlen_attention` in transformers' AttentionInterface
+# Which attention a packed forward runs: "auto" (the varlen kernel where it runs, else transformers' SDPA with the
+# block-diagonal mask), "sdpa" (always the latter) or "flex_attention" (transformers' flex path, a block-sparse
+# document mask; compiles). grpo.bench.packing sets it to compare them; the product leaves it at "auto".
+ATTENTION = "auto"
 _PARAMS = inspect.signature(_varlen_attn).parameters if _varlen_attn is not None else {}
 
 
@@ -103,12 +107,12 @@ def packed_hidden(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, sel
     # embedded first: the compute dtype (FSDP2 mixed precision) decides which attention kernel can run
     embeds = lm.get_input_embeddings()(input_ids.flatten()[packing.index][None])
     extra = {}
-    if varlen_supported(embeds):
+    if ATTENTION == "auto" and varlen_supported(embeds):
         _use_attention(lm, VARLEN)
         cu, m = packing.cu_seqlens, packing.max_len
         extra = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m)
-    else:  # transformers builds the block-diagonal causal mask from the restarting position ids
-        _use_attention(lm, _unpacked(lm))
+    else:  # transformers builds the block-diagonal causal mask (SDPA) or block mask (flex) from the position ids
+        _use_attention(lm, ATTENTION if ATTENTION == "flex_attention" else _unpacked(lm))
     hidden = lm.model(inputs_embeds=embeds, position_ids=packing.position_ids, use_cache=False,
                       **extra).last_hidden_state[0]
     return hidden[packing.slot[:, :-1][sel]]
@@ -117,7 +121,7 @@ def packed_hidden(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, sel
 def _unpacked(lm) -> str:
     """The attention the model was built with (SDPA in grpo.policy), or SDPA when the packed path switched it."""
     current = lm.config._attn_implementation
-    return "sdpa" if current == VARLEN else current
+    return "sdpa" if current in (VARLEN, "flex_attention") else current
 
 
 def _use_attention(lm, name: str) -> None:
