@@ -78,6 +78,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         else:  # grouped-query attention by repeating the KV heads
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    # rotary embeddings leave q and k strided as [H, T, D]; the kernel wants [T, H, D] rows (transformers' own
+    # flash path makes them contiguous too)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return _varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, scale=scale, **kwargs)
 
 
