@@ -31,6 +31,9 @@ VARLEN = "grpo_varlen"  # the name of `hf_varlen_attention` in transformers' Att
 # block-diagonal mask), "sdpa" (always the latter) or "flex_attention" (transformers' flex path, a block-sparse
 # document mask; compiles). grpo.bench.packing sets it to compare them; the product leaves it at "auto".
 ATTENTION = "auto"
+# Grouped-query attention in the varlen kernel: "native" (the kernel reads the KV heads of each group) or "repeat"
+# (KV heads repeated to the query heads first). grpo.bench.packing compares them.
+GQA = "native"
 _PARAMS = inspect.signature(_varlen_attn).parameters if _varlen_attn is not None else {}
 
 
@@ -73,11 +76,12 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     else:  # torch 2.10
         kwargs["is_causal"] = True
     if q.shape[1] != k.shape[1]:
-        if "enable_gqa" in _PARAMS:
-            kwargs["enable_gqa"] = True
-        else:  # grouped-query attention by repeating the KV heads
+        if GQA == "repeat":  # KV heads repeated up to the query heads: more bytes, any kernel takes it
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        elif "enable_gqa" in _PARAMS:  # torch >= 2.12 asks for the flag
+            kwargs["enable_gqa"] = True
+        # else torch 2.10/2.11: the wrapper passes grouped KV heads to the flash kernel, which reads them as GQA
     # rotary embeddings leave q and k strided as [H, T, D]; the kernel wants [T, H, D] rows (transformers' own
     # flash path makes them contiguous too)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()

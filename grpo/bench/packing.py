@@ -12,7 +12,8 @@ grpo.train_step as the loop runs it:
 - step: `train_step` with one mini-batch (reference pass + update: forward, fused GRPO loss, backward, AdamW),
 - update = step - ref, where ref is the reference pass timed alone just before.
 Modes: `padded` (train.pack=false: the budget counts rows x longest row, SDPA with a padding mask), `packed`
-(train.pack=true, the product's attention choice: torch's varlen flash kernel on a GPU), `packed-sdpa` (packed,
+(train.pack=true, the product's attention choice: torch's varlen flash kernel on a GPU), `packed-gqa-repeat` (the
+same with the KV heads repeated to the query heads before the kernel), `packed-sdpa` (packed,
 transformers' dense block-diagonal mask), `packed-flex` (packed, transformers' flex_attention; compiles).
 The modes run in turn inside each step, so they see the same clocks. Step 1 is warm-up; figures are medians of the
 rest. Also checks the log-probs: each packed mode against padded, same weights, before any update.
@@ -41,8 +42,9 @@ from grpo.config import AlgoConfig, Config, ModelConfig, RolloutConfig, TrainCon
 from grpo.rollout import Completion
 from grpo.train_step import Models, Ranks, logprobs, micro_batches, train_step
 
-MODES = {"padded": (False, "auto"), "packed": (True, "auto"), "packed-sdpa": (True, "sdpa"),
-         "packed-flex": (True, "flex_attention")}
+MODES = {"padded": (False, "auto", "native"), "packed": (True, "auto", "native"),
+         "packed-gqa-repeat": (True, "auto", "repeat"), "packed-sdpa": (True, "sdpa", "native"),
+         "packed-flex": (True, "flex_attention", "native")}
 LORA = dict(lora_rank=32, lora_alpha=32, lora_targets="all-linear")
 GB = 1 << 30
 
@@ -63,6 +65,11 @@ def config(args, *, pack: bool) -> Config:
     return Config(rollout=RolloutConfig(max_new_tokens=args.response[1], temperature=1.0),
                   algo=AlgoConfig(kl_coef=0.001, kl_kind="low_var_kl", agg="token-mean"),
                   train=TrainConfig(lr=1e-6, mini_batches=1, max_tokens_per_gpu=args.max_tokens, pack=pack))
+
+
+def use(mode: str) -> None:
+    """The packed path's attention kernel and GQA handling for `mode` (grpo.packing's switches)."""
+    packing.ATTENTION, packing.GQA = MODES[mode][1:]
 
 
 def timed(fn, device):
@@ -101,33 +108,45 @@ def run_variant(name: str, args, ckpt: Path, device: torch.device) -> dict:
         shape[mode] = {"micro_batches": len(groups),
                        "computed_tokens": sum(len(g) * max(lengths[i] for i in g.tolist()) if not MODES[mode][0]
                                               else sum(lengths[i] for i in g.tolist()) for g in groups if len(g))}
-    # correctness at equal weights, before any update: every mode's old log-probs against padded
-    ref_logp, check = None, {}
+    # correctness at equal weights, before any update: every mode's old log-probs against the first mode's
+    ref_logp, check, errors = None, {}, {}
     for mode in args.modes:
-        packing.ATTENTION = MODES[mode][1]
-        logp = logprobs(policy, batch, config(args, pack=MODES[mode][0]), Ranks())
+        use(mode)
+        try:
+            logp = logprobs(policy, batch, config(args, pack=MODES[mode][0]), Ranks())
+        except Exception as e:  # a mode this machine cannot run (e.g. a kernel missing) is reported, not fatal
+            errors[mode] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            continue
         if ref_logp is None:
             ref_logp = logp
         diff = ((logp - ref_logp).abs() * batch.loss_mask)
         check[mode] = {"logp_maxdiff_vs_" + args.modes[0]: float(diff.max()),
                        "logp_meandiff_vs_" + args.modes[0]: float(diff.sum() / batch.loss_mask.sum())}
-    steps = {mode: [] for mode in args.modes}
+    modes = [m for m in args.modes if m not in errors]
+    steps = {mode: [] for mode in modes}
     for step in range(args.steps):
-        for mode in args.modes:
+        for mode in list(modes):
             cfg = config(args, pack=MODES[mode][0])
-            packing.ATTENTION = MODES[mode][1]
+            use(mode)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            _, old_s = timed(lambda: logprobs(policy, batch, cfg, Ranks()), device)
-            _, ref_s = timed(lambda: logprobs(ref, batch, cfg, Ranks()), device)
-            metrics, step_s = timed(lambda: train_step(models, batch, cfg, Ranks()), device)
+            try:
+                _, old_s = timed(lambda: logprobs(policy, batch, cfg, Ranks()), device)
+                _, ref_s = timed(lambda: logprobs(ref, batch, cfg, Ranks()), device)
+                metrics, step_s = timed(lambda: train_step(models, batch, cfg, Ranks()), device)
+            except Exception as e:
+                errors[mode] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                modes.remove(mode)
+                models.opt.zero_grad(set_to_none=True)
+                continue
             steps[mode].append({"step": step + 1, "old_s": old_s, "ref_s": ref_s, "step_s": step_s,
                                 "update_s": step_s - ref_s, "grad_norm": float(metrics["grad_norm"]),
                                 "peak_alloc_gb": torch.cuda.max_memory_allocated() / GB if device.type == "cuda"
                                 else 0.0})
-    packing.ATTENTION = "auto"
-    result = {"variant": name, "real_tokens": real, "response_tokens": int(batch.loss_mask.sum()), "modes": {}}
-    for mode in args.modes:
+    use("packed")
+    result = {"variant": name, "real_tokens": real, "response_tokens": int(batch.loss_mask.sum()), "modes": {},
+              "errors": errors}
+    for mode in modes:
         timed_steps = steps[mode][1:] or steps[mode]
         med = {k: statistics.median(s[k] for s in timed_steps) for k in ("old_s", "ref_s", "step_s", "update_s")}
         result["modes"][mode] = {
@@ -144,15 +163,17 @@ def run_variant(name: str, args, ckpt: Path, device: torch.device) -> dict:
 
 def report(result: dict) -> None:
     print(f"\n{result['variant']}: {result['real_tokens']} real tokens ({result['response_tokens']} response tokens)")
-    print(f"{'mode':<12} {'micro':>5} {'computed tok':>12} {'old s':>7} {'ref s':>7} {'update s':>8} "
+    print(f"{'mode':<17} {'micro':>5} {'computed tok':>12} {'old s':>7} {'ref s':>7} {'update s':>8} "
           f"{'step s':>7} {'old+step s':>10} {'update tok/s':>12} {'x update':>8} {'x old+step':>10} "
           f"{'peak GiB':>8} {'max |dlogp|':>11}")
     for mode, r in result["modes"].items():
         diff = next(v for k, v in r.items() if k.startswith("logp_maxdiff"))
-        print(f"{mode:<12} {r['micro_batches']:>5} {r['computed_tokens']:>12} {r['old_s']:>7.3f} {r['ref_s']:>7.3f} "
+        print(f"{mode:<17} {r['micro_batches']:>5} {r['computed_tokens']:>12} {r['old_s']:>7.3f} {r['ref_s']:>7.3f} "
               f"{r['update_s']:>8.3f} {r['step_s']:>7.3f} {r['trainer_step_s']:>10.3f} {r['update_tok_s']:>12.0f} "
               f"{r['update_speedup']:>8.2f} {r['trainer_step_speedup']:>10.2f} {r['peak_alloc_gb']:>8.2f} "
               f"{diff:>11.2e}", flush=True)
+    for mode, error in result["errors"].items():
+        print(f"{mode:<17} {error}", flush=True)
 
 
 def main() -> None:
