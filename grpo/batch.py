@@ -73,8 +73,10 @@ def pack_by_tokens(lengths: list[int], budget: int, *, min_count: int = 1) -> li
     micro-batch of its own. Rows inside a micro-batch keep their batch order. budget <= 0: no limit. Groups are
     empty where there are fewer rows than `min_count`.
     """
-    total = sum(lengths)
-    count = max(min_count, 1, -(-total // budget) if budget > 0 else 1)
+    # the fewest possible: one for each row over the budget, and the rest's tokens in full micro-batches
+    over = [n for n in lengths if n > budget] if budget > 0 else []
+    fewest = len(over) + -(-(sum(lengths) - sum(over)) // budget) if budget > 0 else 1
+    count = max(min_count, 1, fewest)
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     while True:
         groups, loads = [[] for _ in range(count)], [0] * count
