@@ -6,7 +6,7 @@ Two attention paths, both torch's own kernels (no flash-attn build):
   (CUDA, bf16/fp16, sm80+). It reads the sequence boundaries (`cu_seqlens`) and computes only the causal
   lower triangle of each sequence: no mask tensor, no work across sequences. Registered in transformers'
   AttentionInterface as `VARLEN`, so a Hugging Face model runs it through its own modules.
-- elsewhere (the CPU, float32): transformers' SDPA path with the packed `position_ids` and no attention mask;
+- elsewhere (the CPU; float32 on a GPU): transformers' SDPA path with the packed `position_ids` and no attention mask;
   transformers then builds the block-diagonal causal mask itself (masking_utils.find_packed_sequence_indices). That
   mask is dense [T, T], so it is the portable fallback, not the fast path.
 
@@ -49,7 +49,8 @@ class Packing:
 
 
 def pack(attention_mask: torch.Tensor) -> Packing:
-    """The packing of a right-padded batch (each row's real tokens contiguous from column 0). One host sync."""
+    """The packing of a right-padded batch (each row's real tokens contiguous from column 0). Two host syncs: the
+    token count and the longest row (the kernel takes it as a Python int)."""
     keep = attention_mask.bool()
     flat = keep.flatten()
     lengths = keep.sum(1)

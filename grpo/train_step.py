@@ -226,6 +226,7 @@ def micro_batches(batch: Batch, cfg: Config, ranks: Ranks) -> list[torch.Tensor]
 
 
 def max_over_ranks(value: int, ranks: Ranks) -> int:
+    """The largest `value` over the trainer ranks (a host int, over the gloo group)."""
     if ranks.dp == 1:
         return value
     t = torch.tensor(value)
