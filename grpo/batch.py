@@ -1,4 +1,5 @@
-"""Turn prompts and sampled responses into the padded tensors the trainer consumes."""
+"""Turn prompts and sampled responses into the padded tensors the trainer consumes, and group rows into
+micro-batches (padded: by padded tokens; packed: by real tokens)."""
 
 from __future__ import annotations
 
@@ -61,6 +62,31 @@ def split_by_tokens(lengths: list[int], budget: int) -> list[list[int]]:
     if current:
         groups.append(current)
     return groups
+
+
+def pack_by_tokens(lengths: list[int], budget: int, *, min_count: int = 1) -> list[list[int]]:
+    """Rows grouped into micro-batches of at most `budget` real tokens each (packed: no padding counted), as few as
+    that allows but at least `min_count`, with the tokens spread evenly over them.
+
+    Longest first, each row into the micro-batch with the fewest tokens so far (LPT): the micro-batches come out
+    nearly equal, so no one of them sets the step's pace or its memory peak. A row longer than the budget gets a
+    micro-batch of its own. Rows inside a micro-batch keep their batch order. budget <= 0: no limit. Groups are
+    empty where there are fewer rows than `min_count`.
+    """
+    # the fewest possible: one for each row over the budget, and the rest's tokens in full micro-batches
+    over = [n for n in lengths if n > budget] if budget > 0 else []
+    fewest = len(over) + -(-(sum(lengths) - sum(over)) // budget) if budget > 0 else 1
+    count = max(min_count, 1, fewest)
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    while True:
+        groups, loads = [[] for _ in range(count)], [0] * count
+        for i in order:
+            j = min(range(count), key=loads.__getitem__)
+            groups[j].append(i)
+            loads[j] += lengths[i]
+        if budget <= 0 or all(load <= budget or len(g) == 1 for g, load in zip(groups, loads)):
+            return [sorted(g) for g in groups]
+        count += 1
 
 
 def make_batch(prompt_ids: list[list[int]], groups: list[list[Completion]], advantages: torch.Tensor,

@@ -86,6 +86,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     mini_batches: int = 1  # optimizer steps per rollout batch; must divide the rows of each trainer rank
     max_tokens_per_gpu: int = 0  # token budget of a micro-batch (0: one micro-batch per mini-batch)
+    # pack each micro-batch's sequences into one row with no padding (verl's use_remove_padding); the budget then
+    # counts real tokens. false: right-padded rows, the budget counts rows x longest row
+    pack: bool = True
     defer_grad_sync: bool = False  # reduce-scatter once per mini-batch: less traffic, unsharded grads held
     export_hf: bool = True  # write the trained policy as a Hugging Face folder (run_dir/hf) at the end
     # 1: the engines generate batch k+1 (with the weights from before update k) while the trainers update on batch

@@ -29,6 +29,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 
 import grpo_kernels
+from grpo import packing as grpo_packing
 from grpo_kernels import fused_logprob_ref
 from grpo.config import ModelConfig
 from grpo.tiny import build_tiny_model
@@ -71,24 +72,28 @@ class CausalLMPolicy(nn.Module):
             return fused_logprob_ref
         return grpo_kernels.fused_logprob
 
-    def forward(self, input_ids, attention_mask, loss_mask, *, temperature: float = 1.0, grpo: dict | None = None):
+    def forward(self, input_ids, attention_mask, loss_mask, *, temperature: float = 1.0, grpo: dict | None = None,
+                pack: bool = False):
         """Log-prob and entropy of each target token, as [B, L-1] tensors (0 where `loss_mask` is 0).
 
         Position t predicts token t+1; `loss_mask` is [B, L-1] and selects the response tokens.
         With `grpo` (the keyword arguments of grpo_kernels.fused_grpo_loss, per-token tensors as [B, L-1]), returns
         instead that fused loss and its stats: the loss and its gradients in one pass over the LM head. It runs
         inside forward so that FSDP2 has gathered the LM head.
+        With `pack` the right-padded rows run as one packed row of their real tokens (grpo.packing); inputs and
+        outputs keep the padded layout, so callers see the same tensors either way.
         """
-        hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         sel = loss_mask.bool()
+        hidden = (grpo_packing.packed_hidden if pack else grpo_packing.padded_hidden)(
+            self.lm, input_ids, attention_mask, sel)
+        targets = input_ids[:, 1:][sel]
         if grpo is not None:
             per_token = {k: v[sel] if torch.is_tensor(v) and v.dim() == 2 else v for k, v in grpo.items()}
-            return grpo_kernels.fused_grpo_loss(hidden[:, :-1][sel], self.lm.lm_head.weight, input_ids[:, 1:][sel],
-                                           temperature=temperature, mask=torch.ones_like(per_token["advantages"]),
-                                           **per_token)
+            return grpo_kernels.fused_grpo_loss(hidden, self.lm.lm_head.weight, targets,
+                                                temperature=temperature, mask=torch.ones_like(per_token["advantages"]),
+                                                **per_token)
         logp, entropy = self.logprob_fn(hidden.device)(
-            hidden[:, :-1][sel], self.lm.lm_head.weight, input_ids[:, 1:][sel],
-            temperature=temperature, return_entropy=True,
+            hidden, self.lm.lm_head.weight, targets, temperature=temperature, return_entropy=True,
         )
         logp_BT = torch.zeros(sel.shape, dtype=torch.float32, device=hidden.device).masked_scatter(sel, logp)
         ent_BT = torch.zeros(sel.shape, dtype=torch.float32, device=hidden.device).masked_scatter(sel, entropy)

@@ -16,6 +16,8 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
+from grpo import packing
+
 
 @dataclass
 class Completion:
@@ -116,24 +118,43 @@ class _Decoder:
     def _logits(self, h_last):
         return self.model.lm_head(self.model.model.norm(h_last)).float()
 
-    def prefill(self, ids, pad, cache_k, cache_v):
-        """Prompts [B, W] (left padded by `pad` [B]) -> logits of the last column; fills cache columns [0, W)."""
-        B, W = ids.shape
-        cols = torch.arange(W, device=ids.device)
-        pos = (cols[None] - pad[:, None]).clamp(min=0)
-        # query i sees key j <= i inside its prompt; a padding query sees itself, so no row is empty (no NaN)
-        mask = (cols[None, :] <= cols[:, None])[None] & ((cols[None, None, :] >= pad[:, None, None])
-                                                          | (cols[None, :] == cols[:, None])[None])
-        mask = mask[:, None]  # [B, 1, W, W]
-        h = self.model.model.embed_tokens(ids)
+    def prefill(self, prompts: list[list[int]], n: int, width: int, cache_k, cache_v) -> torch.Tensor:
+        """Logits [len(prompts) * n, V] of each prompt's last token, for its n rows; fills each row's cache columns
+        [width - len(prompt), width), the decode step's left-padded layout.
+
+        Packed (grpo.packing): each distinct prompt runs once, the prompts concatenated into one row with no padding
+        and attention confined to each prompt (torch's varlen flash kernel on GPUs, a block-diagonal SDPA mask
+        elsewhere); its keys and values are then copied to its n rows.
+        """
+        device = cache_k.device
+        lengths = torch.tensor([len(p) for p in prompts])
+        ids = torch.tensor([t for p in prompts for t in p], device=device)
+        cu = F.pad(lengths.cumsum(0), (1, 0))
+        pos = torch.arange(ids.numel()) - cu[:-1].repeat_interleave(lengths)  # restarts at 0 for each prompt
+        # cache destination of every (row, prompt token): rows r = j * n + s hold prompt j
+        row_len = lengths.repeat_interleave(n)
+        row_of = torch.arange(len(row_len)).repeat_interleave(row_len)
+        offset = torch.arange(int(row_len.sum())) - F.pad(row_len.cumsum(0), (1, 0))[:-1].repeat_interleave(row_len)
+        src = cu[:-1].repeat_interleave(n).repeat_interleave(row_len) + offset
+        col = width - row_len.repeat_interleave(row_len) + offset
+        row_of, src, col, pos, cu = (t.to(device) for t in (row_of, src, col, pos, cu.to(torch.int32)))
+        h = self.model.model.embed_tokens(ids[None])
+        varlen = packing.varlen_supported(h)
+        mask = None if varlen else packing.block_causal_mask(cu, ids.numel())
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, h, pos)
-            cache_k[i, :, :, :W].copy_(k)
-            cache_v[i, :, :, :W].copy_(v)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
-                                               enable_gqa=self.num_heads != self.num_kv)
+            q, k, v = self._qkv(layer, h, pos[None])  # q [1, H, T, D], k/v [1, KV, T, D]
+            k, v = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [T, KV, D]
+            cache_k[i][row_of, :, col] = k[src]
+            cache_v[i][row_of, :, col] = v[src]
+            if varlen:
+                o = packing.varlen_attention(q[0].transpose(0, 1), k, v, cu, int(lengths.max()), scale=self.scale)
+                o = o.transpose(0, 1)[None]
+            else:
+                o = F.scaled_dot_product_attention(q, k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                                   attn_mask=mask, scale=self.scale,
+                                                   enable_gqa=self.num_heads != self.num_kv)
             h = self._finish_layer(layer, h, o)
-        return self._logits(h[:, -1])
+        return self._logits(h[0, cu[1:].long() - 1]).repeat_interleave(n, dim=0)
 
     def decode(self, tok, col, pad, cache_k, cache_v):
         """One token per row at cache column `col` (a 0-dim device tensor): fixed shapes, no host sync."""
@@ -262,16 +283,14 @@ class NativeEngine:
         width = max(len(p) for p in rows)
         steps = self.max_new_tokens
         st = self._alloc(len(rows), width + steps)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        for i, p in enumerate(rows):  # left padding: every row's next token is at the same column
-            ids[i, width - len(p):] = torch.tensor(p)
+        # left padding: every row's next token is at the same column
         pad = torch.tensor([width - len(p) for p in rows], dtype=torch.long)
         st["pad"].copy_(pad)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         out_tok = torch.full((len(rows), steps), self.pad_id, dtype=torch.long, device=self.device)
         out_logp = torch.zeros((len(rows), steps), dtype=torch.float32, device=self.device)
         done = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
-        logits = self.decoder.prefill(ids.to(self.device), st["pad"], st["k"], st["v"])
+        logits = self.decoder.prefill(prompts, n, width, st["k"], st["v"])
         st["col"].fill_(width)
         for t in range(steps):
             tok, logp = self._sample(logits, gen)

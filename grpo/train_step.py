@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 import grpo_kernels
-from grpo.batch import Batch, split_by_tokens
+from grpo.batch import Batch, pack_by_tokens, split_by_tokens
 from grpo.config import Config, derive
 from grpo.loss import agg_loss, kl_penalty, policy_loss
 
@@ -157,7 +157,8 @@ def token_loss(models: Models, mb: Batch, cfg: Config, norm: dict):
 def reference_loss(models: Models, mb: Batch, cfg: Config, norm: dict):
     """The GRPO loss from per-token log-probs (grpo.loss, the reference numerics)."""
     algo = cfg.algo
-    logp, entropy = models.policy(mb.input_ids, mb.attention_mask, mb.loss_mask, temperature=cfg.rollout.temperature)
+    logp, entropy = models.policy(mb.input_ids, mb.attention_mask, mb.loss_mask, temperature=cfg.rollout.temperature,
+                                  pack=cfg.train.pack)
     width = logp.shape[1]
     old = logp.detach() if mb.old_logp is None else mb.old_logp[:, :width]
     adv = mb.advantages if mb.advantages_tok is None else token_advantages(mb, width)
@@ -183,7 +184,7 @@ def fused_loss(models: Models, mb: Batch, cfg: Config, norm: dict):
     if models.ref is not None:
         grpo.update(ref_logp=mb.ref_logp[:, :width], kl_coef=algo.kl_coef, kl_kind=algo.kl_kind)
     loss, stats = models.policy(mb.input_ids, mb.attention_mask, mb.loss_mask,
-                                temperature=cfg.rollout.temperature, grpo=grpo)
+                                temperature=cfg.rollout.temperature, grpo=grpo, pack=cfg.train.pack)
     metrics = {k: stats[k] for k in ("clipfrac", "clipfrac_lower", "approx_kl")}
     metrics["gap_sum"] = (stats["logp"] - mb.rollout_logp[:, :width][mb.loss_mask.bool()]).abs().sum()
     kl = stats["kl_loss"] if models.ref is not None else None
@@ -196,22 +197,41 @@ def logprobs(model, batch: Batch, cfg: Config, ranks: Ranks) -> torch.Tensor:
     out = torch.zeros_like(batch.loss_mask)
     for idx in micro_batches(batch, cfg, ranks):
         mb = batch.select(idx).trim() if len(idx) else batch.rows(0, 1)  # empty: run for the collectives
-        logp, _ = model(mb.input_ids, mb.attention_mask, mb.loss_mask, temperature=cfg.rollout.temperature)
+        logp, _ = model(mb.input_ids, mb.attention_mask, mb.loss_mask, temperature=cfg.rollout.temperature,
+                        pack=cfg.train.pack)
         if len(idx):
             out[idx, :logp.shape[1]] = logp
     return out
 
 
 def micro_batches(batch: Batch, cfg: Config, ranks: Ranks) -> list[torch.Tensor]:
-    """Row indices of each micro-batch; every trainer rank gets the same count (FSDP2's collectives must match),
-    padding with empty micro-batches where a rank needs fewer."""
+    """Row indices of each micro-batch; every trainer rank gets the same count (FSDP2's collectives must match).
+    Packed (`train.pack`): the token budget counts real tokens and every rank splits its rows into the agreed count
+    of micro-batches of even token counts. Padded: the budget counts rows x longest row, and a rank that needs fewer
+    micro-batches runs empty ones."""
     lengths = batch.attention_mask.sum(1).tolist()
-    groups = split_by_tokens(lengths, cfg.train.max_tokens_per_gpu)
-    count = torch.tensor(len(groups))
-    if ranks.dp > 1:
-        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=ranks.obj)
-    groups += [[]] * (int(count) - len(groups))
+    budget = cfg.train.max_tokens_per_gpu
+    if cfg.train.pack:
+        count = 1
+        while True:  # the same iterations on every rank: each ends on the all-reduced count
+            groups = pack_by_tokens(lengths, budget, min_count=count)
+            most = max_over_ranks(len(groups), ranks)
+            if most == count:
+                break
+            count = most
+    else:
+        groups = split_by_tokens(lengths, budget)
+        groups += [[]] * (max_over_ranks(len(groups), ranks) - len(groups))
     return [torch.tensor(g, dtype=torch.long, device=batch.input_ids.device) for g in groups]
+
+
+def max_over_ranks(value: int, ranks: Ranks) -> int:
+    """The largest `value` over the trainer ranks (a host int, over the gloo group)."""
+    if ranks.dp == 1:
+        return value
+    t = torch.tensor(value)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ranks.obj)
+    return int(t)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
