@@ -117,6 +117,13 @@ class JobConfig:
     cpus_per_task: int = 1
     signal_delay_s: int = 120  # Slurm sends USR2 this long before the time limit: save, then requeue
     collective_timeout_s: int = 600  # a rank that stops answering ends the job after this long
+    # site fields, passed to sbatch as they are (None / False: the flag is left out)
+    account: Optional[str] = None  # --account: the allocation charged
+    qos: Optional[str] = None  # --qos
+    constraint: Optional[str] = None  # --constraint: node features, e.g. "h100&ib"
+    mem: Optional[str] = None  # --mem per node: "0" (all of it), "500G", "512000" (MB)
+    exclusive: bool = False  # --exclusive: no other job on the nodes
+    reservation: Optional[str] = None  # --reservation
 
 
 @dataclass(kw_only=True)
