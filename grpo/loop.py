@@ -141,8 +141,10 @@ def rollout_worker(cfg: Config, roles: Roles, groups: Groups, channel: Channel, 
                 if roles.time_share:
                     engine.wake((KV_CACHE,))
                 t0, wall0 = time.perf_counter(), time.time()
+                # the temperature only when set: an engine without the argument still serves training
+                extra = {} if msg.temperature is None else {"temperature": msg.temperature}
                 groups_out = engine.generate(msg.prompts[index::len(roles.engine_leaders)], msg.n,
-                                             seed=msg.seed * 1000 + index)
+                                             seed=msg.seed * 1000 + index, **extra)
                 stats = {"generate_s": time.perf_counter() - t0, "t0": wall0, "t1": time.time(),
                          "weights_version": version, **engine.memory_stats()}
                 if roles.time_share:
@@ -160,7 +162,8 @@ def make_engine(cfg: Config, roles: Roles, device: torch.device) -> Engine:
         eos_id = -1 if cfg.rollout.ignore_eos else eos_id  # -1 never matches a sampled id
         return NativeRollout(NativeEngine(build_lm(cfg.model, cfg.train.seed, device=device), pad_id=pad_id,
                                           eos_id=eos_id, max_new_tokens=cfg.rollout.max_new_tokens,
-                                          temperature=cfg.rollout.temperature))
+                                          temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                          top_k=cfg.rollout.top_k))
     from grpo.vllm_engine import VLLMEngine, VLLMSettings
 
     if device.type == "cuda":
@@ -172,7 +175,7 @@ def make_engine(cfg: Config, roles: Roles, device: torch.device) -> Engine:
     # full fine-tuning re-sends every weight: asleep, the engine can drop them; LoRA re-sends only the adapted ones
     sleep_level = (1 if cfg.model.lora_rank else 2) if roles.time_share else 0
     settings = VLLMSettings(model_path=cfg.model.path, tensor_parallel=roles.tp, max_new_tokens=r.max_new_tokens,
-                            temperature=r.temperature, max_model_len=cfg.data.max_prompt_len + r.max_new_tokens,
+                            temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_model_len=cfg.data.max_prompt_len + r.max_new_tokens,
                             max_num_seqs=r.max_num_seqs, gpu_memory_utilization=r.gpu_memory_utilization,
                             dtype=cfg.model.dtype, seed=cfg.train.seed, ignore_eos=r.ignore_eos,
                             sleep_level=sleep_level)
