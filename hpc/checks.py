@@ -38,16 +38,17 @@ def check_dataset(cfg: Config, tokenizer=None) -> str | None:
     without one only the columns are checked). Returns the loader's report line."""
     if cfg.data.task != "dataset":
         return None
-    from grpo.data import load_prompts, read_dataset
+    from grpo.data import expand_paths, load_prompts, read_dataset
 
-    path = Path(cfg.data.train_path).expanduser()
+    path = cfg.data.train_path
     try:
         if tokenizer is None:
-            columns, _ = read_dataset(path)
-            missing = [c for c in ("prompt", "reward_model") if c not in columns]
-            if missing:
-                raise ValueError(f"dataset {path} has no column {missing[0]!r} (columns: {', '.join(columns)}); "
-                                 "expected verl's layout: run python -m grpo.preprocess")
+            for file in expand_paths(path):  # a list or a glob: every file
+                columns, _ = read_dataset(file)
+                missing = [c for c in ("prompt", "reward_model") if c not in columns]
+                if missing:
+                    raise ValueError(f"dataset {file} has no column {missing[0]!r} (columns: "
+                                     f"{', '.join(columns)}); expected verl's layout: run python -m grpo.preprocess")
             return None
         return load_prompts(path, tokenizer=tokenizer, max_prompt_len=cfg.data.max_prompt_len).report
     except (OSError, ValueError) as e:
