@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 import grpo_kernels
-from grpo import checkpoint, runlog, stop
+from grpo import checkpoint, runlog, stop, tracking
 from grpo.channel import Channel, End, Generate, Sync
 from grpo.config import Config
 from grpo.coordinator import Rollouts
@@ -234,6 +234,13 @@ class Trainer:
         last = checkpoint.latest(run_dir)
         if last is not None:
             self.restore(checkpoint.load(last, policy, opt, group=groups.train))
+        # driver: TensorBoard / W&B / samples (grpo.tracking), and the validation prompts when train.val_every is on
+        self.tracker = self.val_items = None
+        if self.driver:
+            self.tracker = tracking.Tracker(run_dir, cfg, num_gpus=len(roles.trainers) + len(roles.rollouts),
+                                            start=self.start)
+            if cfg.train.val_every:
+                self.val_items = source.validation_items(cfg)
         # LoRA: the native engine carries the adapters, vLLM takes merged weights (grpo.vllm_engine says why)
         named, static = sync_named_tensors(policy, merge_lora=cfg.rollout.engine == "vllm")
         self.sender = WeightSender(named, groups.sync, src=roles.trainers[0],
@@ -268,6 +275,8 @@ class Trainer:
         if self.driver:
             self.rollouts.source.load_state_dict(state["data"])
             runlog.truncate_metrics(self.run_dir, state["step"])
+            for name in (tracking.SAMPLES, tracking.VALIDATION):
+                tracking.truncate_jsonl(self.run_dir / name, state["step"])
             print(f"resumed from {checkpoint.step_dir(self.run_dir, state['step'])}", flush=True)
 
     def save(self, step: int) -> None:
@@ -286,23 +295,48 @@ class Trainer:
         steps, every = self.cfg.train.steps, self.cfg.train.checkpoint_every
         ahead = self.cfg.train.off_policy_steps > 0
         pending = None  # off-policy: the next step's batch, already generated
+        val_every = self.cfg.train.val_every
+        if val_every and self.start == 1:  # the starting point, as verl's val_before_train
+            self.validate(0)
         for step in range(self.start, steps + 1):
             if self.halt:
                 if step - 1 >= self.start:  # else the checkpoint we resumed from is already the latest
                     self.save(step - 1)
-                self.rollouts.end(self.halt)
+                self.finish(self.halt)
                 return self.halt
             row, pending = self.step(step, pending, look_ahead=ahead and step < steps)
             if self.driver:
                 runlog.append_metrics(self.run_dir, row)
+                self.tracker.log(row)
+                self.tracker.log_samples(step, self.rollouts.samples)
+            if val_every and (step % val_every == 0 or step == steps) and not self.halt:
+                self.validate(step)  # the engines hold the weights after this step's update
             if step == steps or (every and step % every == 0):
                 self.save(step)
-        self.rollouts.end("done")
+        self.finish("done")
         if self.cfg.train.export_hf:
             self.export()
         if self.driver:
             runlog.plot_rewards(self.run_dir)
         return "done"
+
+    def validate(self, step: int) -> None:
+        """Validation reward per data source with the weights after `step` updates (every trainer rank calls it)."""
+        if self.swap is not None:
+            self.swap.offload()  # colocated: the engine generates; no-op when the state is already off the GPU
+        out = self.rollouts.validate(step, self.val_items)
+        if self.driver:
+            self.tracker.log_validation(out)
+            print(f"validation after step {step}: reward {out['val/reward']:.3f}", flush=True)
+
+    def finish(self, status: str) -> None:
+        """End the control protocol, then close what the driver holds open."""
+        self.rollouts.end(status)
+        if self.driver:
+            self.tracker.close()
+            close = getattr(self.rollouts.source, "close", None)
+            if close is not None:
+                close()
 
     def step(self, step: int, pending, *, look_ahead: bool):
         """One GRPO step; returns its metrics row (driver) and, off-policy, the next step's batch."""
