@@ -8,9 +8,9 @@ GSM8K has two scorers, chosen by `reward.gsm8k`:
 - lenient (`gsm8k_reward`, the default): strict mode reads the number after the last `####`, flexible mode the
   last number of the response, and `format_score` is paid for a readable but wrong answer. The comparison is
   numeric (`1,200` == `1200`, `$1,200` == `1200`, `72.0` == `72`) and the whole response is searched.
-- strict (`gsm8k_reward_verl`): verl's `reward_score/gsm8k.py` `compute_score` as its default reward manager calls
-  it: only the last 300 characters are searched, `#### (\-?[0-9\.\,]+)` (a `$` after `#### ` does not match),
-  commas removed, and the text compared with the ground truth as strings (`72.0` != `72`).
+- strict (`gsm8k_reward_verl`): verl's `reward_score/gsm8k.py` `compute_score` as its default reward manager
+  calls it: only the last 300 characters are searched with verl's pattern `#### (-?[0-9.,]+)` (a `$` after
+  `#### ` does not match), commas removed, the text compared with the ground truth as strings (`72.0` != `72`).
 
 MATH reads the last `\\boxed{...}` (braces balanced; `\\fbox{}` and `\\boxed 5` too) and compares it with the ground
 truth through math-verify (`parse` + `verify`), so `0.5`, `\\frac12` and `\\dfrac{1}{2}` are one answer.
