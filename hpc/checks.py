@@ -78,7 +78,8 @@ def check_inputs(cfg: Config) -> list[str]:
         except (OSError, ValueError) as e:
             raise ConfigError(f"model.path={cfg.model.path!r}: cannot load its tokenizer ({e})") from None
     report = check_dataset(cfg, tokenizer)
-    return ([report] if report else []) + check_reward(cfg) + check_validation(cfg) + check_tracking(cfg)
+    return (([report] if report else []) + check_reward(cfg) + check_validation(cfg) + check_tracking(cfg)
+            + check_sampling(cfg))
 
 
 # --- rewards, validation, tracking (issue 16) ---------------------------------------------------------------------
@@ -172,4 +173,13 @@ def check_tracking(cfg: Config) -> list[str]:
                           "WANDB_MODE=offline on nodes without a network), or --set track.wandb=false")
     if cfg.track.samples_per_step < 0:
         raise ConfigError(f"track.samples_per_step={cfg.track.samples_per_step} must be >= 0")
+    return []
+
+
+def check_sampling(cfg: Config) -> list[str]:
+    """top_p in (0, 1] and top_k >= 0 (0 is off), as both engines read them."""
+    r = cfg.rollout
+    if not 0 < r.top_p <= 1 or r.top_k < 0:
+        raise ConfigError(f"rollout.top_p={r.top_p}, rollout.top_k={r.top_k}: top_p must be in (0, 1] (1 is off) "
+                          "and top_k >= 0 (0 is off)")
     return []

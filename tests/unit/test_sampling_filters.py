@@ -69,3 +69,24 @@ def test_bad_filters_are_refused():
         engine(top_p=0.0)
     with pytest.raises(ValueError, match="top_k"):
         engine(top_k=-1)
+
+
+def test_vllm_sampling_args_take_the_filters_and_a_per_call_temperature():
+    from grpo.vllm_engine import VLLMSettings, sampling_args
+
+    s = VLLMSettings(model_path="m", temperature=0.8, top_p=0.9, top_k=20)
+    train = sampling_args(s, n=5, seed=1, index=0)
+    val = sampling_args(s, n=1, seed=1, index=0, temperature=0.0)
+    assert (train["temperature"], train["top_p"], train["top_k"]) == (0.8, 0.9, 20)
+    assert val["temperature"] == 0.0 and val["n"] == 1
+
+
+def test_login_check_refuses_bad_filters():
+    from grpo.config import ConfigError, apply_overrides
+    from hpc.checks import check_sampling
+    from hpc.presets import get_preset
+
+    for bad in (["rollout.top_p=0"], ["rollout.top_p=1.5"], ["rollout.top_k=-1"]):
+        with pytest.raises(ConfigError, match="top_p must be in"):
+            check_sampling(apply_overrides(get_preset("local"), bad))
+    assert check_sampling(apply_overrides(get_preset("local"), ["rollout.top_p=0.9", "rollout.top_k=50"])) == []
