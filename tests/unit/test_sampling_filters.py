@@ -74,7 +74,7 @@ def test_bad_filters_are_refused():
 def test_vllm_sampling_args_take_the_filters_and_a_per_call_temperature():
     from grpo.vllm_engine import VLLMSettings, sampling_args
 
-    s = VLLMSettings(model_path="m", temperature=0.8, top_p=0.9, top_k=20)
+    s = VLLMSettings(model_path="m", max_new_tokens=8, max_model_len=32, temperature=0.8, top_p=0.9, top_k=20)
     train = sampling_args(s, n=5, seed=1, index=0)
     val = sampling_args(s, n=1, seed=1, index=0, temperature=0.0)
     assert (train["temperature"], train["top_p"], train["top_k"]) == (0.8, 0.9, 20)
