@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 SAMPLES = "samples.jsonl"
@@ -110,10 +111,15 @@ class Tracker:
     `start`: the first step this process runs (a resumed run purges TensorBoard events after its checkpoint)."""
 
     def __init__(self, run_dir: str | os.PathLike, cfg, *, num_gpus: int = 1, start: int = 1):
-        from torch.utils.tensorboard import SummaryWriter
-
         self.run_dir, self.num_gpus = Path(run_dir), num_gpus
-        self.tb = SummaryWriter(str(self.run_dir / TB_DIR), purge_step=start if start > 1 else None)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # a dependency (setup.py); an environment built without it still trains
+            print("warning: tensorboard is not installed (pip install 'tensorboard>=2.14,<3'): no event files, "
+                  "metrics.jsonl only", file=sys.stderr, flush=True)
+            self.tb = None
+        else:  # a resumed run drops the events after its checkpoint, which it redoes
+            self.tb = SummaryWriter(str(self.run_dir / TB_DIR), purge_step=start if start > 1 else None)
         self.wandb = None
         if cfg.track.wandb:
             import wandb  # checked on the login node (hpc.checks)
@@ -138,17 +144,20 @@ class Tracker:
             append_jsonl(self.run_dir / SAMPLES, {"step": step, **s})
         table = "| reward | prompt | response |\n|---|---|---|\n" + "\n".join(
             f"| {s['reward']:.3f} | {_cell(s['prompt'])} | {_cell(s['response'])} |" for s in samples)
-        self.tb.add_text("samples", table, step)
+        if self.tb is not None:
+            self.tb.add_text("samples", table, step)
 
     def _write(self, step: int, values: dict[str, float]) -> None:
-        for name, value in values.items():
-            self.tb.add_scalar(name, value, step)
-        self.tb.flush()
+        if self.tb is not None:
+            for name, value in values.items():
+                self.tb.add_scalar(name, value, step)
+            self.tb.flush()
         if self.wandb is not None:
             self.wandb.log(values, step=step)
 
     def close(self) -> None:
-        self.tb.close()
+        if self.tb is not None:
+            self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
 
