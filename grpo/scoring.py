@@ -158,6 +158,9 @@ class ScoringPool:
                  startup_timeout_s: float = 120.0):
         self.function, self.gsm8k = function, gsm8k
         self.num_workers = workers or default_workers()
+        if self.num_workers < 1 or timeout_s <= 0:
+            raise ValueError(f"reward.workers={workers}, reward.timeout_s={timeout_s}: workers >= 0 (0: one per "
+                             "CPU), timeout_s > 0")
         self.timeout_s, self.startup_timeout_s = timeout_s, startup_timeout_s
         self._ctx = mp.get_context("spawn")
         self.workers = [self._spawn() for _ in range(self.num_workers)]

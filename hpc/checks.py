@@ -102,8 +102,9 @@ def check_reward(cfg: Config) -> list[str]:
             raise ConfigError(f"reward.function scores dataset rows; data.task={cfg.data.task!r} is a toy task with "
                               "its own reward: set data.task=dataset and data.train_path")
         return []
-    if r.timeout_s <= 0:
-        raise ConfigError(f"reward.timeout_s={r.timeout_s} must be > 0")
+    if r.timeout_s <= 0 or r.workers < 0:
+        raise ConfigError(f"reward.timeout_s={r.timeout_s}, reward.workers={r.workers}: timeout_s must be > 0 and "
+                          "workers >= 0 (0: one per CPU of the task)")
     from grpo.rewards import known_data_sources
 
     rows = _rows(cfg.data.train_path, "data.train_path")

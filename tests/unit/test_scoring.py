@@ -141,3 +141,10 @@ def test_check_refuses_a_plugin_that_hangs_breaks_or_is_missing(tmp_path, body, 
         check_reward(dataset_cfg(tmp_path, f"reward.function={path}:fn", "reward.timeout_s=2"))
     with pytest.raises(ConfigError, match="is not a file here"):
         check_reward(dataset_cfg(tmp_path, f"reward.function={tmp_path}/nope.py:fn"))
+
+
+def test_bad_pool_settings_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="workers >= 0"):
+        ScoringPool(workers=-1)
+    with pytest.raises(ConfigError, match="timeout_s must be > 0"):
+        check_reward(dataset_cfg(tmp_path, "reward.timeout_s=0"))
