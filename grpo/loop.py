@@ -175,7 +175,8 @@ def make_engine(cfg: Config, roles: Roles, device: torch.device) -> Engine:
     # full fine-tuning re-sends every weight: asleep, the engine can drop them; LoRA re-sends only the adapted ones
     sleep_level = (1 if cfg.model.lora_rank else 2) if roles.time_share else 0
     settings = VLLMSettings(model_path=cfg.model.path, tensor_parallel=roles.tp, max_new_tokens=r.max_new_tokens,
-                            temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_model_len=cfg.data.max_prompt_len + r.max_new_tokens,
+                            temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                            max_model_len=cfg.data.max_prompt_len + r.max_new_tokens,
                             max_num_seqs=r.max_num_seqs, gpu_memory_utilization=r.gpu_memory_utilization,
                             dtype=cfg.model.dtype, seed=cfg.train.seed, ignore_eos=r.ignore_eos,
                             sleep_level=sleep_level)
