@@ -64,6 +64,8 @@ VERL_NAMES: dict[str, tuple[str, ...]] = {
     "engine_peak_gib": ("perf/max_memory_reserved_gb_rollout",),
     "trainer_gpu_peak_gib": ("perf/max_memory_reserved_gb",),
     "trainer_gpu_peak_alloc_gib": ("perf/max_memory_allocated_gb",),
+    "gen_device_used_gib": ("perf/device_memory_used_gb_gen",),  # the whole GPU, whoever holds it
+    "update_device_used_gib": ("perf/device_memory_used_gb_update",),
 }
 NOT_PLOTTED = frozenset({"step", "gen_t0", "gen_t1", "update_t0", "update_t1"})  # wall-clock timestamps
 
