@@ -238,8 +238,9 @@ class Trainer:
         # driver: TensorBoard / W&B / samples (grpo.tracking), and the validation prompts when train.val_every is on
         self.tracker = self.val_items = None
         if self.driver:
-            self.tracker = tracking.Tracker(run_dir, cfg, num_gpus=len(roles.trainers) + len(roles.rollouts),
-                                            start=self.start)
+            # perf/throughput is per GPU: a GPU shared by a trainer and an engine counts once
+            gpus = len(roles.trainers) if roles.shared_gpu else len(roles.trainers) + len(roles.rollouts)
+            self.tracker = tracking.Tracker(run_dir, cfg, num_gpus=gpus, start=self.start)
             if cfg.train.val_every:
                 self.val_items = source.validation_items(cfg)
         # LoRA: the native engine carries the adapters, vLLM takes merged weights (grpo.vllm_engine says why)
