@@ -140,6 +140,11 @@ class Rollouts:
                "val/prompts": len(items), "val/s": time.perf_counter() - t0,
                "val/response_len": sum(len(c.token_ids) for g in groups_out for c in g) / len(texts),
                "val/reward_timeouts": float(scores.timeouts)}
+        extras: dict[str, list[float]] = {}  # a reward function's other numbers, per data source (verl's "acc", ...)
+        for i, extra in enumerate(scores.extras):
+            for key, value in extra.items():
+                extras.setdefault(f"val/{items[i // n].data_source}/{key}", []).append(value)
+        out |= {k: sum(v) / len(v) for k, v in sorted(extras.items())}
         for source, values in sorted(by_source.items()):
             out[f"val/{source}/reward"] = sum(values) / len(values)
             if n > 1:  # verl's best@n: the share of prompts with at least one right answer (reward > 0 here)

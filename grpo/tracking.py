@@ -93,7 +93,8 @@ def verl_names(row: dict, *, num_gpus: int = 1) -> dict[str, float]:
 
 def val_names(row: dict) -> dict[str, float]:
     """A validation row (`val/<data_source>/reward`, ...) under verl's names: the headline mean@n of each data
-    source in `val-core/`, the rest in `val-aux/`."""
+    source in `val-core/`, the rest in `val-aux/` (a reward function's own numbers as `val-aux/<source>/<key>/
+    mean@n`)."""
     n = int(row.get("val/n", 1))
     out = {}
     for key, value in row.items():
@@ -103,6 +104,8 @@ def val_names(row: dict) -> dict[str, float]:
             out[f"val-core/{key[4:]}/mean@{n}"] = float(value)
         elif key.endswith("/reward_best"):
             out[f"val-aux/{key[4:-len('_best')]}/best@{n}/mean"] = float(value)
+        elif key.count("/") >= 2 and key not in ("val/reward_timeouts",):  # val/<source>/<key>: an extra number
+            out[f"val-aux/{key[4:]}/mean@{n}"] = float(value)
         else:
             out[f"val-aux/{key[4:]}"] = float(value)
     return out

@@ -72,6 +72,7 @@ def test_dataset_run_with_plugin_validation_and_tensorboard(tmp_path):
         assert v["val/reward_timeouts"] == 1  # the hung scorer, once per validation
         assert set(k for k in v if k.endswith("/reward")) == {"val/reward", "val/toy/a/reward", "val/toy/b/reward"}
         assert 0 <= v["val/toy/b/reward"] <= 0.5  # one of its two rows is the hung one: 0
+        assert v["val/toy/a/words"] > 0  # the reward function's own number, per data source
 
     samples = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
@@ -85,7 +86,8 @@ def test_dataset_run_with_plugin_validation_and_tensorboard(tmp_path):
                 "critic/score/mean", "critic/rewards/mean", "critic/advantages/mean", "critic/advantages/max",
                 "critic/advantages/min", "response_length/mean", "response_length/max", "response_length/min",
                 "response_length/clip_ratio", "timing_s/gen", "timing_s/update_actor", "timing_s/step",
-                "perf/throughput", "frac_reward_zero_std", "reward/timeouts", "val-core/toy/a/reward/mean@1"):
+                "perf/throughput", "frac_reward_zero_std", "reward/timeouts", "val-core/toy/a/reward/mean@1",
+                "val-aux/toy/a/words/mean@1"):
         assert tag in tags, tag
     expected: dict[str, dict[int, float]] = {}
     for r in rows:

@@ -43,3 +43,10 @@ def test_wandb_offline_run_in_the_run_folder(tmp_path, monkeypatch):
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb")), list((tmp_path / "wandb").iterdir())
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard as always
+
+
+def test_a_reward_functions_own_numbers_go_to_val_aux():
+    out = val_names({"step": 1, "val/n": 1, "val/openai/gsm8k/reward": 0.5, "val/openai/gsm8k/acc": 0.5,
+                     "val/reward_timeouts": 0.0})
+    assert out == {"val-core/openai/gsm8k/reward/mean@1": 0.5, "val-aux/openai/gsm8k/acc/mean@1": 0.5,
+                   "val-aux/reward_timeouts": 0.0}
