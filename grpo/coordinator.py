@@ -116,21 +116,28 @@ class Rollouts:
         self.samples = pick_samples(items, texts, scores.rewards, cfg.track.samples_per_step)
         return batch, info
 
-    def validate(self, step: int, items) -> dict:
-        """Generate for the validation prompts with the weights the engines hold (greedy when data.val_n is 1)
-        and score them: the mean reward per data source, as verl's test_freq validation. Every trainer rank calls
-        it, at a step boundary with no request in flight; the driver returns the metrics, the others {}."""
+    def validate(self, step: int, items, count: int) -> dict:
+        """Generate for the `count` validation prompts with the weights the engines hold (greedy when data.val_n
+        is 1) and score them: the mean reward per data source, as verl's test_freq validation. Every trainer rank
+        calls it (with the same count), at a step boundary with no request in flight; the driver returns the
+        metrics, the others {}. The prompts go out in rounds of at most a training batch's responses: the engines'
+        memory (the native engine's static KV cache) was planned for that many."""
+        n = self.cfg.data.val_n
+        per_round = max(1, self.cfg.data.prompts_per_step * self.cfg.rollout.n // n)
         if not self.driver:
-            self.channel.receive()
-            self.channel.reply(None)
+            for _ in range(0, count, per_round):
+                self.channel.receive()
+                self.channel.reply(None)
             return {}
         assert not self.in_flight, "validation between a posted request and its collection"
-        n = self.cfg.data.val_n
         t0 = time.perf_counter()
-        # a seed space of its own, so validation draws never repeat a training step's
-        self.channel.post(Generate([x.prompt_ids for x in items], n, VAL_SEED + step,
-                                   temperature=0.0 if n == 1 else None))
-        groups_out = reassemble([r[0] for r in self.channel.gather()], len(items))
+        groups_out = []
+        for start in range(0, count, per_round):
+            chunk = items[start:start + per_round]
+            # a seed space of its own, so validation draws never repeat a training step's
+            seed = VAL_SEED + step * 1000 + start // per_round
+            self.channel.post(Generate([x.prompt_ids for x in chunk], n, seed, temperature=0.0 if n == 1 else None))
+            groups_out += reassemble([r[0] for r in self.channel.gather()], len(chunk))
         texts = [self.source.response_text(c) for group in groups_out for c in group]
         scores = self.source.score(items, texts)
         by_source: dict[str, list[float]] = {}
@@ -153,7 +160,7 @@ class Rollouts:
         return out
 
 
-VAL_SEED = 1 << 30
+VAL_SEED = 10**8  # validation seeds: far above any training step's, small enough for vLLM's int64 seeds
 
 
 def batch_stats(rewards: torch.Tensor, adv: torch.Tensor, lengths: list[int], prompt_lengths: list[int], n: int,

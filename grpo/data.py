@@ -209,9 +209,10 @@ def load_prompts(path: str | Path, *, tokenizer, max_prompt_len: int,
     items = [PromptItem(prompt_ids=list(x), ground_truth=t, data_source=s, text=txt, extra_info=e)
              for x, t, s, txt, e in zip(ids, truths, sources, texts, extras) if len(x) <= max_prompt_len]
     if not items:
-        raise ValueError(f"all {len(conversations)} prompts of {path} are longer than data.max_prompt_len={max_prompt_len} "
-                         f"tokens (shortest: {min(len(x) for x in ids)}); raise it")
-    return PromptSet(items, source=str(path), num_dropped=len(conversations) - len(items), max_prompt_len=max_prompt_len)
+        raise ValueError(f"all {len(conversations)} prompts of {path} are longer than data.max_prompt_len="
+                         f"{max_prompt_len} tokens (shortest: {min(len(x) for x in ids)}); raise it")
+    return PromptSet(items, source=str(path), num_dropped=len(conversations) - len(items),
+                     max_prompt_len=max_prompt_len)
 
 
 class PromptSet(Sequence[PromptItem]):

@@ -243,6 +243,10 @@ class Trainer:
             self.tracker = tracking.Tracker(run_dir, cfg, num_gpus=gpus, start=self.start)
             if cfg.train.val_every:
                 self.val_items = source.validation_items(cfg)
+        if cfg.train.val_every:  # every trainer rank takes part in each validation round: they need the count
+            box = [len(self.val_items) if self.driver else None]
+            dist.broadcast_object_list(box, src=roles.trainers[0], group=groups.train_obj)
+            self.val_count = box[0]
         # LoRA: the native engine carries the adapters, vLLM takes merged weights (grpo.vllm_engine says why)
         named, static = sync_named_tensors(policy, merge_lora=cfg.rollout.engine == "vllm")
         self.sender = WeightSender(named, groups.sync, src=roles.trainers[0],
@@ -326,7 +330,7 @@ class Trainer:
         """Validation reward per data source with the weights after `step` updates (every trainer rank calls it)."""
         if self.swap is not None:
             self.swap.offload()  # colocated: the engine generates; no-op when the state is already off the GPU
-        out = self.rollouts.validate(step, self.val_items)
+        out = self.rollouts.validate(step, self.val_items, self.val_count)
         if self.driver:
             self.tracker.log_validation(out)
             print(f"validation after step {step}: reward {out['val/reward']:.3f}", flush=True)

@@ -104,7 +104,8 @@ def engine_args(s: VLLMSettings) -> dict:
 def sampling_args(s: VLLMSettings, *, n: int, seed: int, index: int, temperature: float | None = None) -> dict:
     """Keyword arguments of `vllm.SamplingParams` for prompt `index` of a batch: one request per GRPO group.
     `temperature` overrides the settings' (validation: 0, greedy)."""
-    return dict(n=n, temperature=s.temperature if temperature is None else temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_new_tokens,
+    return dict(n=n, temperature=s.temperature if temperature is None else temperature, top_p=s.top_p, top_k=s.top_k,
+                max_tokens=s.max_new_tokens,
                 logprobs=0, seed=seed * 1_000_003 + index * n, detokenize=False, ignore_eos=s.ignore_eos,
                 stop_token_ids=None if s.ignore_eos else list(s.eos_ids) or None)
 

@@ -1,4 +1,5 @@
-"""python -m hpc.submit --preset NAME [--config FILE] [--dry-run] [--set key=value ...] [--run-dir DIR [--resume]] [--no-follow]
+"""python -m hpc.submit --preset NAME [--config FILE] [--dry-run] [--set key=value ...] [--run-dir DIR [--resume]]
+                       [--no-follow]
 
 Resolves the preset and overrides, prints the plan, creates the run folder, submits the job through submitit and
 follows rank 0's metrics with a progress bar. Bad input exits with code 2 before anything is created or submitted.

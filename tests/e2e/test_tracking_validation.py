@@ -105,16 +105,19 @@ def test_dataset_run_with_plugin_validation_and_tensorboard(tmp_path):
 
 def test_toy_validation_with_two_trainer_ranks_off_policy(tmp_path):
     """Validation rounds in the control protocol with two trainer ranks and a batch generated ahead (off-policy):
-    the protocol stays in step, greedy validation of the toy task at 0, 2 and 4."""
+    the protocol stays in step, validation of the toy task at 0, 2 and 4, in rounds of one training batch."""
     args = [sys.executable, "-m", "hpc.submit", "--preset", "local"]
     for o in (f"out_dir={tmp_path}", "train.steps=4", "train.val_every=2", "job.trainer_ranks=2",
-              "train.off_policy_steps=1", "data.val_max_prompts=8"):
+              "train.off_policy_steps=1", "data.val_max_prompts=20", "data.val_n=8", "data.prompts_per_step=4",
+              "rollout.n=16"):
         args += ["--set", o]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=Path(__file__).parents[2])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = Path(re.search(r"^run folder: (.+)$", proc.stdout, re.M).group(1))
     vals = [json.loads(x) for x in (run_dir / "validation.jsonl").read_text().splitlines()]
-    assert [v["step"] for v in vals] == [0, 2, 4] and all(v["val/prompts"] == 8 for v in vals)
+    # 20 prompts x 8 samples in rounds of a training batch's 64 responses: 8, 8 and 4 prompts
+    assert [v["step"] for v in vals] == [0, 2, 4] and all(v["val/prompts"] == 20 and v["val/n"] == 8 for v in vals)
+    assert all(v["val/repeat/reward"] <= v["val/repeat/reward_best"] <= 1 for v in vals)
     assert all(0 <= v["val/repeat/reward"] <= 1 and v["val/response_len"] > 0 for v in vals)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
