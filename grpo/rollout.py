@@ -208,6 +208,9 @@ class NativeEngine:
         st = self._state
         if st is not None and st["rows"] == rows and st["length"] >= length:
             return st
+        # drop the old cache (and its graph) first: a batch of another size (validation's last round) would
+        # otherwise hold both caches at once
+        self._state = st = None
         length = -(-length // 128) * 128
         d = self.decoder
         shape = (len(d.layers), rows, d.num_kv, length, d.head_dim)
