@@ -18,9 +18,12 @@ setup(
         "matplotlib>=3.8,<4",
         "pyarrow>=15,<30",
         "math-verify>=0.8,<1",
+        "PyYAML>=6,<7",  # --config files and the run folder's config.yaml
+        "tensorboard>=2.14,<3",  # event files in the run folder (grpo.tracking)
     ],
     extras_require={
         "dev": ["pytest>=8,<10", "pytest-timeout>=2.3,<3"],
         "vllm": ["vllm>=0.24,<0.34"],
+        "wandb": ["wandb>=0.17,<1"],  # track.wandb=true
     },
 )

@@ -4,7 +4,9 @@ Each round is two small collectives on a gloo group that spans every rank of the
 stop flags (a signal on any rank is seen by all, at the same round), then a broadcast of the driver's message.
 The driver posts, every other rank receives the same message in the same round, so the sides cannot drift apart:
 
-    Generate(prompts, n, seed)   engine leaders generate their share, then `reply`; the driver `gather`s
+    Generate(prompts, n, seed[, temperature])
+                                 engine leaders generate their share, then `reply`; the driver `gather`s
+                                 (temperature None: the engine's own; validation sends 0 for greedy)
     Sync(version)                the engines take one weight sync (the trainers send it right after posting):
                                  the weights after `version` optimizer updates
     End(status)                  the run is over ("done", or the stop status that ended it)
@@ -27,6 +29,7 @@ class Generate:
     prompts: list[list[int]]
     n: int
     seed: int
+    temperature: float | None = None  # None: the engine's own sampling settings
 
 
 @dataclass(frozen=True)

@@ -36,9 +36,12 @@ class ModelConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     task: str = "repeat"  # a toy task of grpo.tasks, or "dataset": prompts from train_path
-    train_path: str = ""  # parquet or jsonl in verl's layout (grpo.data)
+    train_path: str = ""  # parquet or jsonl in verl's layout (grpo.data); several: a comma-separated list or a glob
     prompts_per_step: int = 8
     max_prompt_len: int = 32
+    val_path: str = ""  # validation prompts (same layout, list or glob); scored every train.val_every steps
+    val_n: int = 1  # samples per validation prompt: 1 = greedy (temperature 0), more = rollout.temperature
+    val_max_prompts: int = 0  # 0: every validation prompt; else the first this many of the file order
 
 
 @dataclass(kw_only=True)
@@ -47,6 +50,8 @@ class RolloutConfig:
     n: int = 8  # samples per prompt: the GRPO group size
     max_new_tokens: int = 8
     temperature: float = 1.0
+    top_p: float = 1.0  # nucleus sampling (1.0: off); the engines' log-probs are of the filtered distribution
+    top_k: int = 0  # 0: off
     tensor_parallel: int = 0  # 0: the planner picks the smallest that fits, inside one node
     gpu_memory_utilization: float = 0.85  # share of each rollout GPU the engine may take
     max_num_seqs: int = 256  # sequences an engine runs at once (sizes the KV cache)
@@ -95,9 +100,31 @@ class TrainConfig:
     # k (split layouts only); 0: on-policy, each batch sampled by the weights it updates
     off_policy_steps: int = 0
     seed: int = 0
+    val_every: int = 0  # validate every this many steps and before the first (verl's test_freq); 0: never
     checkpoint_every: int = 0  # 0: only at the end (and when the job is preempted or reaches its time limit)
     keep_checkpoints: int = 2
     max_bad_steps: int = 3  # consecutive steps with a non-finite loss or grad norm before the run aborts
+
+
+@dataclass(kw_only=True)
+class RewardConfig:
+    """How dataset responses are scored (grpo.scoring): built-in scorers by data source, or the user's function."""
+
+    # "path/to/file.py:fn" with verl's signature fn(data_source, solution_str, ground_truth, extra_info=None) ->
+    # float or {"score": float, ...}; it scores every row (call grpo.rewards.default_compute_score for the built-ins)
+    function: str = ""
+    gsm8k: Literal["lenient", "strict"] = "lenient"  # strict: verl's gsm8k.py exactly; lenient: numeric compare
+    workers: int = 0  # scoring processes; 0: one per CPU this process may use, at most 16
+    timeout_s: float = 10.0  # per response: a scorer that runs longer is killed, the response scores 0
+
+
+@dataclass(kw_only=True)
+class TrackConfig:
+    """Where metrics go besides metrics.jsonl: TensorBoard event files in the run folder (always), W&B if asked."""
+
+    wandb: bool = False  # needs `pip install wandb`; WANDB_MODE=offline works without a network
+    wandb_project: str = "hpc-grpo"
+    samples_per_step: int = 4  # completions (prompt, response, reward) written to samples.jsonl each step
 
 
 @dataclass(kw_only=True)
@@ -120,6 +147,13 @@ class JobConfig:
     cpus_per_task: int = 1
     signal_delay_s: int = 120  # Slurm sends USR2 this long before the time limit: save, then requeue
     collective_timeout_s: int = 600  # a rank that stops answering ends the job after this long
+    # site fields, passed to sbatch as they are (None / False: the flag is left out)
+    account: Optional[str] = None  # --account: the allocation charged
+    qos: Optional[str] = None  # --qos
+    constraint: Optional[str] = None  # --constraint: node features, e.g. "h100&ib"
+    mem: Optional[str] = None  # --mem per node: "0" (all of it), "500G", "512000" (MB)
+    exclusive: bool = False  # --exclusive: no other job on the nodes
+    reservation: Optional[str] = None  # --reservation
 
 
 @dataclass(kw_only=True)
@@ -131,6 +165,8 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
     job: JobConfig = field(default_factory=JobConfig)
 
 
@@ -167,7 +203,7 @@ def flat_keys(cfg: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+def apply_overrides(cfg: Config, overrides: list[str], *, where: str = "") -> Config:
     """Return a copy of `cfg` with `key=value` overrides applied, each value parsed by its field's type."""
     cfg = copy_config(cfg)
     valid = flat_keys(cfg)
@@ -177,7 +213,8 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         if not sep:
             raise ConfigError(f"override {item!r} is not key=value (for example train.lr=1e-5)")
         if key not in valid:
-            raise ConfigError(f"unknown key {key!r}; valid keys: {', '.join(sorted(valid))}")
+            raise ConfigError(f"{where + ': ' if where else ''}unknown key {key!r}; valid keys: "
+                              f"{', '.join(sorted(valid))}")
         value = parse_value(text, valid[key], key)
         *path, leaf = key.split(".")
         node = cfg
@@ -185,6 +222,63 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             node = getattr(node, part)
         setattr(node, leaf, value)
     return cfg
+
+
+def apply_mapping(cfg: Config, mapping: dict, *, where: str = "config file") -> Config:
+    """Return a copy of `cfg` with the values of a config file applied: a nested mapping that mirrors the
+    dataclasses (`train: {lr: 1e-6}`), flat dotted keys (`train.lr: 1e-6`), or both. Values are checked by the same
+    rules as `--set` (YAML's own types pass through text, so `1e-6` is a float for a float field either way)."""
+    return apply_overrides(cfg, [f"{key}={_as_text(value, key, where)}" for key, value in
+                                 _flatten_mapping(mapping, where).items()], where=where)
+
+
+def _flatten_mapping(mapping, where: str, prefix: str = "") -> dict:
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{where}: expected a mapping of config keys, got {type(mapping).__name__}")
+    out = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten_mapping(value, where, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _as_text(value, key: str, where: str) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
+        return str(value)
+    raise ConfigError(f"{where}: {key} is a {type(value).__name__}; config values are numbers, strings, booleans "
+                      "or null (write a list of files as one comma-separated string)")
+
+
+def read_config_file(path: str) -> dict:
+    """The mapping in a YAML (or JSON, a subset of YAML) config file; ConfigError when it is not one."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"--config {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of config keys, got a {type(data).__name__}")
+    return data
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML, nested like the dataclasses: a valid --config file for the same run."""
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
 
 
 def copy_config(cfg: Config) -> Config:

@@ -29,6 +29,7 @@ class Rollouts:
         self.advantage_fn, self.obj_group = advantage_fn, train_obj_group
         self.in_flight: deque = deque()  # driver: (step, items) posted, not yet gathered
         self.states: deque = deque()  # driver: the data position before each batch drawn and not yet trained on
+        self.samples: list[dict] = []  # driver: a few (prompt, response, reward) of the latest scored batch
 
     # --- rounds of the control protocol (every trainer rank calls each) ---
 
@@ -99,8 +100,9 @@ class Rollouts:
             info["engine_peak_gib"] = max(s["gpu_peak_gib"] for s in stats)
         if "device_used_gib" in stats[0]:  # the whole GPU, engine and whatever shares it, as generation ends
             info["gen_device_used_gib"] = max(s["device_used_gib"] for s in stats)
-        rewards = torch.tensor([x.score(self.source.response_text(c))
-                                for x, group in zip(items, groups_out) for c in group], dtype=torch.float32)
+        texts = [self.source.response_text(c) for group in groups_out for c in group]
+        scores = self.source.score(items, texts)
+        rewards = torch.tensor(scores.rewards, dtype=torch.float32)
         adv = self.advantage_fn(rewards.to(self.device), cfg.rollout.n, eps=cfg.algo.adv_eps,
                                 norm_by_std=cfg.algo.norm_adv_by_std, leave_one_out=cfg.algo.leave_one_out).cpu()
         prompt_ids = [x.prompt_ids for x in items]
@@ -109,7 +111,78 @@ class Rollouts:
         info |= {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),
                  "response_len": sum(lengths) / len(lengths),
                  "stop_frac": sum(c.finish_reason == "stop" for g in groups_out for c in g) / len(lengths)}
+        info |= batch_stats(rewards, adv, lengths, [len(p) for p in prompt_ids], cfg.rollout.n,
+                            cfg.rollout.max_new_tokens) | scores.metrics()
+        self.samples = pick_samples(items, texts, scores.rewards, cfg.track.samples_per_step)
         return batch, info
+
+    def validate(self, step: int, items, count: int) -> dict:
+        """Generate for the `count` validation prompts with the weights the engines hold (greedy when data.val_n
+        is 1) and score them: the mean reward per data source, as verl's test_freq validation. Every trainer rank
+        calls it (with the same count), at a step boundary with no request in flight; the driver returns the
+        metrics, the others {}. The prompts go out in rounds of at most a training batch's responses: the engines'
+        memory (the native engine's static KV cache) was planned for that many."""
+        n = self.cfg.data.val_n
+        per_round = max(1, self.cfg.data.prompts_per_step * self.cfg.rollout.n // n)
+        if not self.driver:
+            for _ in range(0, count, per_round):
+                self.channel.receive()
+                self.channel.reply(None)
+            return {}
+        assert not self.in_flight, "validation between a posted request and its collection"
+        t0 = time.perf_counter()
+        groups_out = []
+        for start in range(0, count, per_round):
+            chunk = items[start:start + per_round]
+            # a seed space of its own, so validation draws never repeat a training step's
+            seed = VAL_SEED + step * 1000 + start // per_round
+            self.channel.post(Generate([x.prompt_ids for x in chunk], n, seed, temperature=0.0 if n == 1 else None))
+            groups_out += reassemble([r[0] for r in self.channel.gather()], len(chunk))
+        texts = [self.source.response_text(c) for group in groups_out for c in group]
+        scores = self.source.score(items, texts)
+        by_source: dict[str, list[float]] = {}
+        for i, r in enumerate(scores.rewards):
+            by_source.setdefault(items[i // n].data_source, []).append(r)
+        out = {"step": step, "val/reward": sum(scores.rewards) / len(scores.rewards), "val/n": n,
+               "val/prompts": len(items), "val/s": time.perf_counter() - t0,
+               "val/response_len": sum(len(c.token_ids) for g in groups_out for c in g) / len(texts),
+               "val/reward_timeouts": float(scores.timeouts)}
+        extras: dict[str, list[float]] = {}  # a reward function's other numbers, per data source (verl's "acc", ...)
+        for i, extra in enumerate(scores.extras):
+            for key, value in extra.items():
+                extras.setdefault(f"val/{items[i // n].data_source}/{key}", []).append(value)
+        out |= {k: sum(v) / len(v) for k, v in sorted(extras.items())}
+        for source, values in sorted(by_source.items()):
+            out[f"val/{source}/reward"] = sum(values) / len(values)
+            if n > 1:  # verl's best@n: the share of prompts with at least one right answer (reward > 0 here)
+                groups = [values[j:j + n] for j in range(0, len(values), n)]
+                out[f"val/{source}/reward_best"] = sum(max(g) for g in groups) / len(groups)
+        return out
+
+
+VAL_SEED = 10**8  # validation seeds: far above any training step's, small enough for vLLM's int64 seeds
+
+
+def batch_stats(rewards: torch.Tensor, adv: torch.Tensor, lengths: list[int], prompt_lengths: list[int], n: int,
+                max_new_tokens: int) -> dict:
+    """The batch statistics verl and TRL users look at: reward range, the share of groups whose rewards are all
+    equal (TRL's frac_reward_zero_std: they teach nothing), advantages, response and prompt lengths, tokens."""
+    groups = rewards.view(-1, n)
+    zero_std = (groups.max(dim=1).values == groups.min(dim=1).values).float().mean().item()
+    total = sum(lengths) + n * sum(prompt_lengths)
+    return {"reward_max": rewards.max().item(), "reward_min": rewards.min().item(), "frac_reward_zero_std": zero_std,
+            "adv_mean": adv.mean().item(), "adv_max": adv.max().item(), "adv_min": adv.min().item(),
+            "response_len_max": float(max(lengths)), "response_len_min": float(min(lengths)),
+            "response_clip_frac": sum(x >= max_new_tokens for x in lengths) / len(lengths),
+            "prompt_len": sum(prompt_lengths) / len(prompt_lengths), "num_tokens": float(total)}
+
+
+def pick_samples(items, texts: list[str], rewards: list[float], count: int) -> list[dict]:
+    """The first response of each of the first `count` prompts: prompt, response, reward."""
+    per = len(texts) // len(items)
+    return [{"prompt": items[i].text, "response": texts[i * per], "reward": rewards[i * per],
+             "data_source": items[i].data_source, "ground_truth": items[i].ground_truth}
+            for i in range(min(count, len(items)))]
 
 
 def reassemble(per_engine: list[list[list[Completion]]], num_prompts: int) -> list:

@@ -7,7 +7,7 @@ A row (what `python -m grpo.preprocess` writes, and what verl's `examples/data_p
                   read as one user message)
     reward_model  {"style": "rule", "ground_truth": "42"}
     data_source   "openai/gsm8k" | "DigitalLearningGmbH/MATH-lighteval" | ...  (picks the reward: grpo.rewards)
-    extra_info    {"split": "train", "index": 0, ...}  (optional, not read)
+    extra_info    {"split": "train", "index": 0, ...}  (optional; passed to the reward function)
 
 `load_prompts` applies the tokenizer's chat template with the generation prompt, drops prompts longer than
 `max_prompt_len` tokens and returns a `PromptSet`; `PromptSet.batches()` draws batches in a seeded shuffled order,
@@ -16,6 +16,7 @@ epoch after epoch, with a state to save in checkpoints and restore on resume.
 
 from __future__ import annotations
 
+import glob
 import json
 import random
 from collections.abc import Iterator, Sequence
@@ -90,6 +91,28 @@ def read_dataset(path: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
     return list(columns), rows
 
 
+def expand_paths(spec: str | Path) -> list[Path]:
+    """The files a `data.train_path` names: one path, a comma-separated list, or globs (`data/*.parquet`), each
+    glob sorted by name so every process and every resume sees one order. A glob that matches nothing is an error."""
+    if isinstance(spec, Path):
+        return [spec]
+    paths: list[Path] = []
+    for part in (p.strip() for p in str(spec).split(",")):
+        if not part:
+            continue
+        part = str(Path(part).expanduser())
+        if glob.has_magic(part):
+            found = sorted(glob.glob(part))
+            if not found:
+                raise ValueError(f"dataset pattern {part} matches no file")
+            paths += [Path(f) for f in found]
+        else:
+            paths.append(Path(part))
+    if not paths:
+        raise ValueError(f"no dataset file named in {str(spec)!r}")
+    return paths
+
+
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
     """Every row of a .parquet or .jsonl file as a dict."""
     return read_dataset(path)[1]
@@ -124,6 +147,7 @@ class PromptItem:
     ground_truth: str
     data_source: str
     text: str  # the prompt as the model sees it (the templated text)
+    extra_info: dict | None = None  # the row's extra_info, handed to a reward function as verl does
 
 
 def _messages(value: Any, where: str) -> list[dict[str, str]]:
@@ -158,32 +182,37 @@ def render_prompts(tokenizer, conversations: list[list[dict[str, str]]]) -> tupl
 
 def load_prompts(path: str | Path, *, tokenizer, max_prompt_len: int,
                  required: Sequence[str] = ("prompt", "reward_model")) -> "PromptSet":
-    """Read a prompt dataset (.parquet or .jsonl) in verl's layout and tokenize it for the policy.
+    """Read a prompt dataset (.parquet or .jsonl, or several: `expand_paths`) in verl's layout and tokenize it for
+    the policy. Several files are one prompt set, in file order (the batches shuffle across all of them).
 
     Prompts longer than `max_prompt_len` tokens are dropped (`PromptSet.num_dropped`, `PromptSet.report`); it is
     an error when all are. A row with no `data_source` gets "" (and `grpo.rewards.reward_fn_for` will refuse it).
     """
-    path = Path(path)
-    columns, rows = read_dataset(path)
-    if not rows:
-        raise ValueError(f"dataset {path} has no rows")
-    for col in required:
-        if col not in columns:
-            raise ValueError(f"dataset {path} has no column {col!r} (columns: {', '.join(columns) or 'none'}); "
-                             f"{LAYOUT_HINT}")
-    conversations, truths, sources = [], [], []
-    for i, row in enumerate(rows):
-        where = f"dataset {path} row {i}"
-        conversations.append(_messages(row.get("prompt"), where))
-        truths.append(_ground_truth(row.get("reward_model"), where))
-        sources.append(str(row.get("data_source") or ""))
+    paths = expand_paths(path)
+    path = paths[0] if len(paths) == 1 else f"{len(paths)} files ({', '.join(p.name for p in paths)})"
+    conversations, truths, sources, extras = [], [], [], []
+    for file in paths:
+        columns, rows = read_dataset(file)
+        if not rows:
+            raise ValueError(f"dataset {file} has no rows")
+        for col in required:
+            if col not in columns:
+                raise ValueError(f"dataset {file} has no column {col!r} (columns: {', '.join(columns) or 'none'}); "
+                                 f"{LAYOUT_HINT}")
+        for i, row in enumerate(rows):
+            where = f"dataset {file} row {i}"
+            conversations.append(_messages(row.get("prompt"), where))
+            truths.append(_ground_truth(row.get("reward_model"), where))
+            sources.append(str(row.get("data_source") or ""))
+            extras.append(row.get("extra_info") if isinstance(row.get("extra_info"), dict) else None)
     texts, ids = render_prompts(tokenizer, conversations)
-    items = [PromptItem(prompt_ids=list(x), ground_truth=t, data_source=s, text=txt)
-             for x, t, s, txt in zip(ids, truths, sources, texts) if len(x) <= max_prompt_len]
+    items = [PromptItem(prompt_ids=list(x), ground_truth=t, data_source=s, text=txt, extra_info=e)
+             for x, t, s, txt, e in zip(ids, truths, sources, texts, extras) if len(x) <= max_prompt_len]
     if not items:
-        raise ValueError(f"all {len(rows)} prompts of {path} are longer than data.max_prompt_len={max_prompt_len} "
-                         f"tokens (shortest: {min(len(x) for x in ids)}); raise it")
-    return PromptSet(items, source=str(path), num_dropped=len(rows) - len(items), max_prompt_len=max_prompt_len)
+        raise ValueError(f"all {len(conversations)} prompts of {path} are longer than data.max_prompt_len="
+                         f"{max_prompt_len} tokens (shortest: {min(len(x) for x in ids)}); raise it")
+    return PromptSet(items, source=str(path), num_dropped=len(conversations) - len(items),
+                     max_prompt_len=max_prompt_len)
 
 
 class PromptSet(Sequence[PromptItem]):

@@ -3,7 +3,8 @@
 Every engine the loop drives (the native engine, vLLM, a test's stand-in) has the same small surface, so the loop
 never asks which kind it holds:
 
-    generate(prompts, n, seed) -> one list of n Completions per prompt
+    generate(prompts, n, seed[, temperature]) -> one list of n Completions per prompt (temperature: None or left
+                               out = the engine's own; 0 = greedy; validation passes it)
     connect(link)              join the weight sync (the trainers' first send follows)
     receive_weights()          take one sync from the trainers into the model
     sleep() / wake(tags)       give GPU memory back while the trainer on the same GPU updates, and take it again
@@ -43,7 +44,8 @@ class SyncLink:
 
 
 class Engine(Protocol):
-    def generate(self, prompts: list[list[int]], n: int, seed: int) -> list[list[Completion]]: ...
+    def generate(self, prompts: list[list[int]], n: int, seed: int,
+                 temperature: float | None = None) -> list[list[Completion]]: ...
 
     def connect(self, link: SyncLink) -> None: ...
 
@@ -65,8 +67,9 @@ class NativeRollout:
         self.receiver = None
         self.merged = None
 
-    def generate(self, prompts: list[list[int]], n: int, seed: int) -> list[list[Completion]]:
-        return self.engine.generate(prompts, n, seed)
+    def generate(self, prompts: list[list[int]], n: int, seed: int,
+                 temperature: float | None = None) -> list[list[Completion]]:
+        return self.engine.generate(prompts, n, seed, temperature=temperature)
 
     def connect(self, link: SyncLink) -> None:
         from grpo.policy import MergedAdapters

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 import grpo_kernels
-from grpo import checkpoint, runlog, stop
+from grpo import checkpoint, runlog, stop, tracking
 from grpo.channel import Channel, End, Generate, Sync
 from grpo.config import Config
 from grpo.coordinator import Rollouts
@@ -141,8 +141,10 @@ def rollout_worker(cfg: Config, roles: Roles, groups: Groups, channel: Channel, 
                 if roles.time_share:
                     engine.wake((KV_CACHE,))
                 t0, wall0 = time.perf_counter(), time.time()
+                # the temperature only when set: an engine without the argument still serves training
+                extra = {} if msg.temperature is None else {"temperature": msg.temperature}
                 groups_out = engine.generate(msg.prompts[index::len(roles.engine_leaders)], msg.n,
-                                             seed=msg.seed * 1000 + index)
+                                             seed=msg.seed * 1000 + index, **extra)
                 stats = {"generate_s": time.perf_counter() - t0, "t0": wall0, "t1": time.time(),
                          "weights_version": version, **engine.memory_stats()}
                 if roles.time_share:
@@ -160,7 +162,8 @@ def make_engine(cfg: Config, roles: Roles, device: torch.device) -> Engine:
         eos_id = -1 if cfg.rollout.ignore_eos else eos_id  # -1 never matches a sampled id
         return NativeRollout(NativeEngine(build_lm(cfg.model, cfg.train.seed, device=device), pad_id=pad_id,
                                           eos_id=eos_id, max_new_tokens=cfg.rollout.max_new_tokens,
-                                          temperature=cfg.rollout.temperature))
+                                          temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                          top_k=cfg.rollout.top_k))
     from grpo.vllm_engine import VLLMEngine, VLLMSettings
 
     if device.type == "cuda":
@@ -172,7 +175,8 @@ def make_engine(cfg: Config, roles: Roles, device: torch.device) -> Engine:
     # full fine-tuning re-sends every weight: asleep, the engine can drop them; LoRA re-sends only the adapted ones
     sleep_level = (1 if cfg.model.lora_rank else 2) if roles.time_share else 0
     settings = VLLMSettings(model_path=cfg.model.path, tensor_parallel=roles.tp, max_new_tokens=r.max_new_tokens,
-                            temperature=r.temperature, max_model_len=cfg.data.max_prompt_len + r.max_new_tokens,
+                            temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                            max_model_len=cfg.data.max_prompt_len + r.max_new_tokens,
                             max_num_seqs=r.max_num_seqs, gpu_memory_utilization=r.gpu_memory_utilization,
                             dtype=cfg.model.dtype, seed=cfg.train.seed, ignore_eos=r.ignore_eos,
                             sleep_level=sleep_level)
@@ -231,6 +235,18 @@ class Trainer:
         last = checkpoint.latest(run_dir)
         if last is not None:
             self.restore(checkpoint.load(last, policy, opt, group=groups.train))
+        # driver: TensorBoard / W&B / samples (grpo.tracking), and the validation prompts when train.val_every is on
+        self.tracker = self.val_items = None
+        if self.driver:
+            # perf/throughput is per GPU: a GPU shared by a trainer and an engine counts once
+            gpus = len(roles.trainers) if roles.shared_gpu else len(roles.trainers) + len(roles.rollouts)
+            self.tracker = tracking.Tracker(run_dir, cfg, num_gpus=gpus, start=self.start)
+            if cfg.train.val_every:
+                self.val_items = source.validation_items(cfg)
+        if cfg.train.val_every:  # every trainer rank takes part in each validation round: they need the count
+            box = [len(self.val_items) if self.driver else None]
+            dist.broadcast_object_list(box, src=roles.trainers[0], group=groups.train_obj)
+            self.val_count = box[0]
         # LoRA: the native engine carries the adapters, vLLM takes merged weights (grpo.vllm_engine says why)
         named, static = sync_named_tensors(policy, merge_lora=cfg.rollout.engine == "vllm")
         self.sender = WeightSender(named, groups.sync, src=roles.trainers[0],
@@ -265,6 +281,8 @@ class Trainer:
         if self.driver:
             self.rollouts.source.load_state_dict(state["data"])
             runlog.truncate_metrics(self.run_dir, state["step"])
+            for name in (tracking.SAMPLES, tracking.VALIDATION):
+                tracking.truncate_jsonl(self.run_dir / name, state["step"])
             print(f"resumed from {checkpoint.step_dir(self.run_dir, state['step'])}", flush=True)
 
     def save(self, step: int) -> None:
@@ -283,23 +301,48 @@ class Trainer:
         steps, every = self.cfg.train.steps, self.cfg.train.checkpoint_every
         ahead = self.cfg.train.off_policy_steps > 0
         pending = None  # off-policy: the next step's batch, already generated
+        val_every = self.cfg.train.val_every
+        if val_every and self.start == 1:  # the starting point, as verl's val_before_train
+            self.validate(0)
         for step in range(self.start, steps + 1):
             if self.halt:
                 if step - 1 >= self.start:  # else the checkpoint we resumed from is already the latest
                     self.save(step - 1)
-                self.rollouts.end(self.halt)
+                self.finish(self.halt)
                 return self.halt
             row, pending = self.step(step, pending, look_ahead=ahead and step < steps)
             if self.driver:
                 runlog.append_metrics(self.run_dir, row)
+                self.tracker.log(row)
+                self.tracker.log_samples(step, self.rollouts.samples)
+            if val_every and (step % val_every == 0 or step == steps) and not self.halt:
+                self.validate(step)  # the engines hold the weights after this step's update
             if step == steps or (every and step % every == 0):
                 self.save(step)
-        self.rollouts.end("done")
+        self.finish("done")
         if self.cfg.train.export_hf:
             self.export()
         if self.driver:
             runlog.plot_rewards(self.run_dir)
         return "done"
+
+    def validate(self, step: int) -> None:
+        """Validation reward per data source with the weights after `step` updates (every trainer rank calls it)."""
+        if self.swap is not None:
+            self.swap.offload()  # colocated: the engine generates; no-op when the state is already off the GPU
+        out = self.rollouts.validate(step, self.val_items, self.val_count)
+        if self.driver:
+            self.tracker.log_validation(out)
+            print(f"validation after step {step}: reward {out['val/reward']:.3f}", flush=True)
+
+    def finish(self, status: str) -> None:
+        """End the control protocol, then close what the driver holds open."""
+        self.rollouts.end(status)
+        if self.driver:
+            self.tracker.close()
+            close = getattr(self.rollouts.source, "close", None)
+            if close is not None:
+                close()
 
     def step(self, step: int, pending, *, look_ahead: bool):
         """One GRPO step; returns its metrics row (driver) and, off-policy, the next step's batch."""

@@ -4,10 +4,13 @@ Every reward takes the response text and the row's `reward_model.ground_truth` a
 0.0 wrong or unreadable). `reward_fn_for(data_source)` picks the function for a dataset row, with the data-source
 names verl's preprocessing scripts write.
 
-GSM8K follows verl's `reward_score/gsm8k.py`: strict mode reads the number after the last `####`, flexible mode the
-last number of the response, and `format_score` is paid for a readable but wrong answer. Unlike verl the comparison
-is numeric (`1,200` == `1200`, `$5` == `5`, `12.0` == `12`) where verl compares strings, and the whole response is
-searched where verl looks at its last 300 characters only.
+GSM8K has two scorers, chosen by `reward.gsm8k`:
+- lenient (`gsm8k_reward`, the default): strict mode reads the number after the last `####`, flexible mode the
+  last number of the response, and `format_score` is paid for a readable but wrong answer. The comparison is
+  numeric (`1,200` == `1200`, `$1,200` == `1200`, `72.0` == `72`) and the whole response is searched.
+- strict (`gsm8k_reward_verl`): verl's `reward_score/gsm8k.py` `compute_score` as its default reward manager
+  calls it: only the last 300 characters are searched with verl's pattern `#### (-?[0-9.,]+)` (a `$` after
+  `#### ` does not match), commas removed, the text compared with the ground truth as strings (`72.0` != `72`).
 
 MATH reads the last `\\boxed{...}` (braces balanced; `\\fbox{}` and `\\boxed 5` too) and compares it with the ground
 truth through math-verify (`parse` + `verify`), so `0.5`, `\\frac12` and `\\dfrac{1}{2}` are one answer.
@@ -81,6 +84,19 @@ def gsm8k_reward(response: str, ground_truth: str, *, method: Literal["strict", 
     else:  # a non-numeric ground truth: compare the texts without spaces, commas and dollar signs
         right = re.sub(r"[\s$,]", "", str(ground_truth)) == re.sub(r"[\s$,]", "", answer)
     return 1.0 if right else float(format_score)
+
+
+_VERL_GSM8K = re.compile(r"#### (\-?[0-9\.\,]+)")
+VERL_CLIP_CHARS = 300  # verl matches only the end of a response ("a safe approximation for 300 tokens")
+
+
+def gsm8k_reward_verl(response: str, ground_truth: str) -> float:
+    """verl's GSM8K score, bit for bit: 1.0 when the last `#### <number>` in the response's last 300 characters,
+    commas and dollar signs removed, equals the ground truth as a string; else 0.0."""
+    found = _VERL_GSM8K.findall(response[-VERL_CLIP_CHARS:])
+    if not found:
+        return 0.0
+    return 1.0 if found[-1].replace(",", "").replace("$", "") == str(ground_truth) else 0.0
 
 
 # --- MATH -------------------------------------------------------------------------------------------------------
@@ -213,9 +229,29 @@ _REWARDS: dict[str, RewardFn] = {
 }
 
 
-def reward_fn_for(data_source: str) -> RewardFn:
-    """The reward function `fn(response, ground_truth) -> float` for a row's `data_source`."""
+GSM8K_SCORERS = {"lenient": gsm8k_reward, "strict": gsm8k_reward_verl}
+
+
+def known_data_sources() -> list[str]:
+    """The data sources with a built-in scorer."""
+    return sorted(_REWARDS)
+
+
+def reward_fn_for(data_source: str, *, gsm8k: str = "lenient") -> RewardFn:
+    """The reward function `fn(response, ground_truth) -> float` for a row's `data_source`; `gsm8k` picks the GSM8K
+    scorer ("lenient" or "strict", verl's)."""
     if data_source not in _REWARDS:
         raise ValueError(f"no reward function for data_source {data_source!r}; known data sources: "
-                         f"{', '.join(sorted(_REWARDS))}")
+                         f"{', '.join(sorted(_REWARDS))}; or score it with your own function: "
+                         "reward.function=path/to/file.py:compute_score")
+    if data_source in GSM8K_SOURCES:
+        if gsm8k not in GSM8K_SCORERS:
+            raise ValueError(f"unknown GSM8K scorer {gsm8k!r}; valid: {', '.join(GSM8K_SCORERS)}")
+        return GSM8K_SCORERS[gsm8k]
     return _REWARDS[data_source]
+
+
+def default_compute_score(data_source: str, solution_str: str, ground_truth: str, extra_info=None, *,
+                          gsm8k: str = "lenient") -> float:
+    """The built-in scorers behind verl's reward-function signature: a plug-in can fall back to them."""
+    return reward_fn_for(data_source, gsm8k=gsm8k)(solution_str, ground_truth)

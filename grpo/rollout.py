@@ -189,7 +189,12 @@ class _Decoder:
 class NativeEngine:
     """Batched sampling over a static KV cache; one batch holds every sample of every prompt.
 
-    temperature 0 is greedy decoding (its log-probs are those of the raw logits). `cuda_graphs` (default: on CUDA)
+    temperature 0 is greedy decoding (its log-probs are those of the raw logits). `top_k` (0: off) and `top_p` (1.0:
+    off) filter the tempered distribution as vLLM does (top-k first, then the smallest set of tokens whose
+    probability reaches top_p); the log-prob returned is the token's under that filtered, renormalised
+    distribution, the one it was sampled from (vLLM's processed log-probs). The trainer's log-probs stay those of
+    the full distribution at the same temperature, as verl's are; with filtering on, the mismatch metric measures
+    the filter too. `cuda_graphs` (default: on CUDA)
     captures the decode step once per batch size and cache length and replays it. `check_every` is how many tokens
     pass between the host checks of "every row finished" (the only host syncs of the decode loop). `compile`
     (default: on CUDA) runs each block of the decode step through torch.compile: one compiled graph serves every
@@ -198,7 +203,8 @@ class NativeEngine:
     """
 
     def __init__(self, model, *, pad_id: int, eos_id: int, max_new_tokens: int, temperature: float = 1.0,
-                 cuda_graphs: bool | None = None, compile: bool | None = None, check_every: int = 32):
+                 top_p: float = 1.0, top_k: int = 0, cuda_graphs: bool | None = None, compile: bool | None = None,
+                 check_every: int = 32):
         if max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens={max_new_tokens}: must be at least 1")
         if temperature < 0:
@@ -206,7 +212,9 @@ class NativeEngine:
         self.model = model.eval()
         self.pad_id, self.eos_id = pad_id, eos_id
         self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
+        if not 0 < top_p <= 1 or top_k < 0:
+            raise ValueError(f"top_p={top_p}, top_k={top_k}: top_p must be in (0, 1] and top_k >= 0 (0 is off)")
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
@@ -221,6 +229,9 @@ class NativeEngine:
         st = self._state
         if st is not None and st["rows"] == rows and st["length"] >= length:
             return st
+        # drop the old cache (and its graph) first: a batch of another size (validation's last round) would
+        # otherwise hold both caches at once
+        self._state = st = None
         length = -(-length // 128) * 128
         d = self.decoder
         shape = (len(d.layers), rows, d.num_kv, length, d.head_dim)
@@ -261,20 +272,37 @@ class NativeEngine:
         st["graph"].replay()
         return st["logits"]
 
-    def _sample(self, logits: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _filter(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits outside the top-k and the top-p nucleus set to -inf (the highest logit always stays)."""
+        if 0 < self.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, self.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+            probs = torch.softmax(sorted_logits, dim=-1)
+            before = torch.cumsum(probs, dim=-1) - probs  # probability of the tokens ranked above each one
+            drop = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, before >= self.top_p)
+            logits = logits.masked_fill(drop, float("-inf"))
+        return logits
+
+    def _sample(self, logits: torch.Tensor, gen: torch.Generator,
+                temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Token and its log-prob per row: Gumbel-max through exponential noise, on the device."""
-        if self.temperature == 0:
+        if temperature == 0:
             logp = torch.log_softmax(logits, dim=-1)
             tok = logits.argmax(dim=-1)
         else:
-            logp = torch.log_softmax(logits / self.temperature, dim=-1)
+            logp = torch.log_softmax(self._filter(logits / temperature), dim=-1)
             noise = torch.empty_like(logp).exponential_(generator=gen)
             tok = (logp - noise.log()).argmax(dim=-1)
         return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], n: int, seed: int) -> list[list[Completion]]:
-        """Sample `n` responses per prompt. Returns one list of `n` completions per prompt."""
+    def generate(self, prompts: list[list[int]], n: int, seed: int,
+                 temperature: float | None = None) -> list[list[Completion]]:
+        """Sample `n` responses per prompt (at `temperature`, None: the engine's own; 0: greedy). Returns one list
+        of `n` completions per prompt."""
+        temperature = self.temperature if temperature is None else temperature
         if not prompts:
             return []
         if any(len(p) == 0 for p in prompts):
@@ -293,7 +321,7 @@ class NativeEngine:
         logits = self.decoder.prefill(prompts, n, width, st["k"], st["v"])
         st["col"].fill_(width)
         for t in range(steps):
-            tok, logp = self._sample(logits, gen)
+            tok, logp = self._sample(logits, gen, temperature)
             tok = tok.masked_fill(done, self.pad_id)
             out_tok[:, t] = tok
             out_logp[:, t] = logp.masked_fill(done, 0.0)

@@ -101,9 +101,11 @@ def engine_args(s: VLLMSettings) -> dict:
     )
 
 
-def sampling_args(s: VLLMSettings, *, n: int, seed: int, index: int) -> dict:
-    """Keyword arguments of `vllm.SamplingParams` for prompt `index` of a batch: one request per GRPO group."""
-    return dict(n=n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_new_tokens,
+def sampling_args(s: VLLMSettings, *, n: int, seed: int, index: int, temperature: float | None = None) -> dict:
+    """Keyword arguments of `vllm.SamplingParams` for prompt `index` of a batch: one request per GRPO group.
+    `temperature` overrides the settings' (validation: 0, greedy)."""
+    return dict(n=n, temperature=s.temperature if temperature is None else temperature, top_p=s.top_p, top_k=s.top_k,
+                max_tokens=s.max_new_tokens,
                 logprobs=0, seed=seed * 1_000_003 + index * n, detokenize=False, ignore_eos=s.ignore_eos,
                 stop_token_ids=None if s.ignore_eos else list(s.eos_ids) or None)
 
@@ -141,12 +143,14 @@ class VLLMEngine:
         self._vllm = vllm
         self._asleep: set[str] = set()  # sleep-mode tags now unmapped
 
-    def generate(self, prompts: list[list[int]], n: int, seed: int) -> list[list[Completion]]:
+    def generate(self, prompts: list[list[int]], n: int, seed: int,
+                 temperature: float | None = None) -> list[list[Completion]]:
         """Sample `n` responses per prompt (one request per prompt, its own seed). Same return as NativeEngine."""
         if not prompts:
             return []
         vllm = self._vllm
-        params = [vllm.SamplingParams(**sampling_args(self.settings, n=n, seed=seed, index=i))
+        params = [vllm.SamplingParams(**sampling_args(self.settings, n=n, seed=seed, index=i,
+                                                           temperature=temperature))
                   for i in range(len(prompts))]
         requests = [vllm.TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]
         return to_completions(self.llm.generate(requests, params, use_tqdm=False))

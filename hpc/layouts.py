@@ -142,7 +142,9 @@ class Search:
         self.responses = cfg.data.prompts_per_step * cfg.rollout.n
         m = cfg.model
         self.lora_layers = shape.layers * len(_plan.lora_targets(m.lora_targets) or LINEAR_NAMES) if m.lora_rank else 0
-        self.reward = steptime.reward_s(self.responses, reward_kind(cfg))
+        # dataset rewards: reward.workers processes, by default one per CPU of the driver's task (at most 16)
+        workers = cfg.reward.workers or max(1, min(16, cfg.job.cpus_per_task))
+        self.reward = steptime.reward_s(self.responses, reward_kind(cfg), workers)
         self.need_seqs = min(cfg.rollout.max_num_seqs, _plan.MIN_ENGINE_SEQS)
 
     def generation(self, tp: int, engines: int, seqs: int) -> float:

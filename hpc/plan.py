@@ -32,8 +32,10 @@ class Plan:
     rollouts: list[int]
     notes: list[str] = field(default_factory=list)
     partition: str | None = None
-    nodelist: list[str] = field(default_factory=list)
+    nodelist: list[str] = field(default_factory=list)  # nodes seen available when planning (shown, not pinned)
+    exclude: list[str] = field(default_factory=list)  # nodes of the partition seen down, drained or failing
     gpu_type: str | None = None
+    gres_typed: bool = True  # False: the nodes' GRES is untyped (gpu:8), so the job asks for gpu:N
     gpus_per_node: int = 0
     tp: int = 1
     tokens_per_micro_batch: int = 0
@@ -115,10 +117,11 @@ def plan_job(cfg: Config, cluster=None) -> Plan:
     if executor == "local" and job.nodes > 1:
         raise ConfigError(f"the local executor runs one node without Slurm; this job wants {job.nodes} nodes: "
                           "submit it on a Slurm cluster")
-    partition, nodelist, host_gb = job.partition, [], job.host_mem_gb
+    partition, nodelist, host_gb, choice = job.partition, [], job.host_mem_gb, None
     if executor == "slurm" and cluster is not None:
-        partition, nodelist, host_gb, skipped = choose_nodes(cfg, cluster)
-        notes += skipped
+        choice = choose_nodes(cfg, cluster)
+        partition, nodelist, host_gb = choice.partition, choice.nodes, choice.host_gb
+        notes += choice.notes
     elif executor == "slurm":
         notes.append("no cluster information: planned against the preset's nominal hardware")
     if job.gpu_type is None:
@@ -126,6 +129,8 @@ def plan_job(cfg: Config, cluster=None) -> Plan:
     else:
         plan = plan_gpus(cfg, executor, host_gb)
     plan.partition, plan.nodelist = partition, nodelist
+    if choice is not None:
+        plan.exclude, plan.gres_typed = choice.exclude, choice.gres_typed
     plan.notes = notes + plan.notes
     return plan
 
@@ -338,7 +343,29 @@ def pick_tp(cfg: Config, shape: ModelShape, card: float) -> tuple[int, memory.Es
         f"sequences of {seq_len(cfg)} tokens, fewer than {need}; use larger GPUs or shorter sequences")
 
 
-def choose_nodes(cfg: Config, cluster):
+@dataclass
+class NodeChoice:
+    partition: str
+    nodes: list[str]  # enough nodes available now (the job is not pinned to them)
+    host_gb: float
+    notes: list[str]  # skipped nodes with the reason, untyped GRES taken as job.gpu_type
+    exclude: list[str]  # matching nodes seen down, drained or failing: kept out of the job, now and after a requeue
+    gres_typed: bool = True
+
+
+# node states that keep a node out of jobs until an administrator acts (not merely busy or powered down)
+OUT_OF_SERVICE = frozenset({"drain", "down", "fail", "not_responding"})
+
+
+def gpus_of(node, gpu_type: str) -> tuple[int, bool]:
+    """GPUs of `gpu_type` on a node, and whether they are typed. Untyped GRES (`gpu:8`, common on real sites) has
+    no type to check: its GPUs count as any type, and the plan says so."""
+    if node.gpus.get(gpu_type, 0):
+        return node.gpus[gpu_type], True
+    return node.gpus.get(None, 0), False
+
+
+def choose_nodes(cfg: Config, cluster) -> NodeChoice:
     """Partition and nodes for the job from the live cluster; the skipped nodes with the reason."""
     job = cfg.job
     need_gpus = job.gpus_per_node if job.gpu_type else 0
@@ -349,7 +376,11 @@ def choose_nodes(cfg: Config, cluster):
     reasons = []
     for part in sorted(parts, key=lambda p: not p.default):
         matching = [n for n in cluster.nodes_in(part.name)
-                    if not job.gpu_type or n.gpus.get(job.gpu_type, 0) >= need_gpus]
+                    if not job.gpu_type or gpus_of(n, job.gpu_type)[0] >= need_gpus]
+        if job.gpu_type and any(gpus_of(n, job.gpu_type)[1] for n in matching):
+            # nodes typed as the card asked for: the untyped ones are left out, since a gpu:N request (all that
+            # untyped nodes can take) could also land on nodes of another type
+            matching = [n for n in matching if gpus_of(n, job.gpu_type)[1]]
         if job.gpu_type and not matching:
             reasons.append(f"partition {part.name} has no node with gpu:{job.gpu_type}:{need_gpus}")
             continue
@@ -373,7 +404,13 @@ def choose_nodes(cfg: Config, cluster):
             continue
         chosen = ready[:job.nodes]
         host_gb = min(n.memory_mb for n in chosen) / 1024
-        return part.name, [n.name for n in chosen], host_gb, skipped
+        exclude = [n.name for n in cluster.nodes_in(part.name) if (n.state.flags | {n.state.name}) & OUT_OF_SERVICE]
+        untyped = bool(job.gpu_type) and not all(gpus_of(n, job.gpu_type)[1] for n in matching)
+        if untyped:
+            skipped = [f"partition {part.name} has untyped GPU GRES (gpu:N): taken as job.gpu_type={job.gpu_type} "
+                       f"(the memory plan assumes that card), requested as --gres=gpu:{need_gpus}; use "
+                       "job.constraint to pick the card where the site has node features"] + skipped
+        return NodeChoice(part.name, [n.name for n in chosen], host_gb, skipped, exclude, gres_typed=not untyped)
     what = f"{job.nodes} node(s)" + (f" with gpu:{job.gpu_type}:{need_gpus}" if job.gpu_type else "")
     raise ConfigError(f"no partition can take {what} now: " + "; ".join(reasons))
 

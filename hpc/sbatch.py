@@ -9,6 +9,7 @@ submitit and checks that submitit's runner command is still the one rendered her
 
 from __future__ import annotations
 
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -51,10 +52,24 @@ def sbatch_flags(cfg, plan) -> dict[str, object]:
     }
     if plan.partition:
         flags["partition"] = plan.partition
-    if plan.nodelist:
-        flags["nodelist"] = ",".join(plan.nodelist)
+    # No --nodelist: a requeued job would wait for a pinned node that has since drained. The nodes seen down or
+    # drained when planning are excluded instead; Slurm picks among the rest, now and after a requeue.
+    if plan.exclude:
+        flags["exclude"] = ",".join(plan.exclude)
     if plan.device == "cuda":
-        flags["gres"] = f"gpu:{plan.gpu_type}:{plan.gpus_per_node}" if plan.gpu_type else f"gpu:{plan.gpus_per_node}"
+        typed = plan.gpu_type and plan.gres_typed  # untyped GRES (gpu:8): a typed request would never match
+        flags["gres"] = f"gpu:{plan.gpu_type}:{plan.gpus_per_node}" if typed else f"gpu:{plan.gpus_per_node}"
+    job = cfg.job
+    for key in ("account", "qos", "constraint", "reservation"):
+        if getattr(job, key):
+            flags[key] = getattr(job, key)
+    if job.mem is not None:
+        if not re.fullmatch(r"\d+[KMGT]?", job.mem, re.IGNORECASE):
+            raise ConfigError(f"job.mem={job.mem!r} is not a Slurm memory size: a number of MB, or with a unit "
+                              "(500G, 512000M), or 0 for all of a node's memory")
+        flags["mem"] = job.mem
+    if job.exclusive:
+        flags["exclusive"] = True
     return flags
 
 

@@ -4,7 +4,8 @@ Phases (seconds per GRPO step):
 - generation: per engine, waves of as many sequences as its KV cache holds; a wave is one prefill (FLOPs) and
   `new_tokens` decode steps, each bound by the bytes it reads (the engine's weight shard and the KV cache) or by its
   FLOPs, whichever is slower, plus a per-step overhead and the tensor-parallel all-reduces;
-- reward: the driver scores every response, one at a time;
+- reward: toy tasks in the driver, one response at a time; dataset rewards in reward.workers processes
+  (grpo.scoring), plus the pool's pipe round trip per response;
 - update: the trainer's forward and backward passes (FLOPs at the fitted MFU, attention included), one more forward
   with activation checkpointing (recompute), the reference and old log-prob passes; per micro-batch the slower of
   the FLOPs and FSDP2's gathers and reduce-scatters (over NVLink inside a node, the NICs across nodes) and, with
@@ -208,5 +209,7 @@ class Prediction:
         return {p: getattr(self, p) for p in PHASES} | {"step": self.total}
 
 
-def reward_s(responses: int, kind: str) -> float:
-    return responses * hw.REWARD_MS[kind] / 1e3
+def reward_s(responses: int, kind: str, workers: int = 1) -> float:
+    if kind == "toy":  # scored in the driver
+        return responses * hw.REWARD_MS[kind] / 1e3
+    return responses * (hw.REWARD_MS[kind] / workers + hw.REWARD_POOL_MS) / 1e3

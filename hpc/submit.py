@@ -1,4 +1,5 @@
-"""python -m hpc.submit --preset NAME [--dry-run] [--set key=value ...] [--run-dir DIR [--resume]] [--no-follow]
+"""python -m hpc.submit --preset NAME [--config FILE] [--dry-run] [--set key=value ...] [--run-dir DIR [--resume]]
+                       [--no-follow]
 
 Resolves the preset and overrides, prints the plan, creates the run folder, submits the job through submitit and
 follows rank 0's metrics with a progress bar. Bad input exits with code 2 before anything is created or submitted.
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 from grpo import runlog
-from grpo.config import ConfigError, apply_overrides, to_dict, to_json
+from grpo.config import ConfigError, apply_mapping, apply_overrides, read_config_file, to_dict, to_json, to_yaml
 from hpc.checks import check_inputs
 from hpc.plan import Plan, format_plan, plan_job, slurm_available
 from hpc.presets import PRESETS, get_preset
@@ -29,7 +30,10 @@ class UsageError(Exception):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m hpc.submit", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", required=True, help=f"one of: {', '.join(sorted(PRESETS))}")
+    ap.add_argument("--preset", help=f"one of: {', '.join(sorted(PRESETS))} (or `preset:` in the --config file)")
+    ap.add_argument("--config", metavar="FILE",
+                    help="a YAML file of config keys (nested as the config sections, or dotted), applied on the "
+                         "preset; --set applies on top")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config field, e.g. --set train.steps=20 (repeatable)")
     ap.add_argument("--dry-run", action="store_true",
@@ -48,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = apply_overrides(get_preset(args.preset), args.overrides)
+        cfg = resolve_config(args)
         check_run_dir(cfg, args.run_dir, args.resume)
         try:
             cluster = read_cluster(cfg, args.cluster_file)
@@ -80,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir).resolve() if args.run_dir else make_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / runlog.CONFIG).write_text(to_json(cfg) + "\n")
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
     (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
     job = submit(cfg, plan, run_dir)
     print(f"job {job.job_id} submitted; rank 0 log: {job.paths.stdout}")
@@ -87,6 +92,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run folder: {run_dir}")
         return 0
     return follow(job, run_dir, cfg.train.steps)
+
+
+def resolve_config(args):
+    """The preset, then the --config file, then --set: each later one wins."""
+    file = read_config_file(args.config) if args.config else {}
+    named = file.pop("preset", None)
+    if named is not None and args.preset and named != args.preset:
+        raise ConfigError(f"--preset {args.preset} and `preset: {named}` in {args.config} disagree; give one")
+    preset = args.preset or named
+    if not preset:
+        raise ConfigError(f"no preset: give --preset NAME or `preset: NAME` in the --config file; presets: "
+                          f"{', '.join(sorted(PRESETS))}")
+    cfg = apply_mapping(get_preset(preset), file, where=f"--config {args.config}") if file else get_preset(preset)
+    return apply_overrides(cfg, args.overrides)
 
 
 RESUMABLE_CHANGES = ("train.steps", "job.")

@@ -94,7 +94,7 @@ def test_dry_run_against_a_saved_cluster_prints_the_plan_and_script(tmp_path, ca
     assert main(["--preset", "h800x32", "--dry-run", "--cluster-file", str(saved), "--set", f"out_dir={out}"]) == 0
     text = capsys.readouterr().out
     assert "partition h800, nodes g1,g2,g3,g4" in text and "skipped node g0: drained" in text
-    assert "#SBATCH --nodelist=g1,g2,g3,g4" in text and "#SBATCH --gres=gpu:h800:8" in text
+    assert "--nodelist" not in text and "#SBATCH --exclude=g0\n" in text and "#SBATCH --gres=gpu:h800:8" in text
     assert "dry run: nothing submitted" in text and not out.exists()
 
 
@@ -129,3 +129,69 @@ def test_lora_with_vllm_preset_passes_every_check(tmp_path, capsys, monkeypatch)
     assert "LoRA r=32" in text and "vllm engine" in text and "merged LoRA weights" in text
     assert "would be refused" not in text, text
     assert "dry run: nothing submitted" in text and not out.exists()
+
+
+def test_site_fields_become_sbatch_flags():
+    cfg = apply_overrides(get_preset("h800x32"), ["job.account=proj42", "job.qos=high", "job.constraint=h800&ib",
+                                                  "job.mem=0", "job.exclusive=true", "job.reservation=maint-x"])
+    text = render_sbatch(cfg, plan_job(cfg), Path("/r"))
+    for line in ("--account=proj42", "--qos=high", "--constraint='h800&ib'", "--mem=0", "--exclusive",
+                 "--reservation=maint-x"):
+        assert f"#SBATCH {line}\n" in text
+    default = render_sbatch(get_preset("h800x32"), plan_job(get_preset("h800x32")), Path("/r"))
+    assert not any(f"--{k}" in default for k in ("account", "qos", "constraint", "mem", "exclusive", "reservation"))
+
+
+@pytest.mark.parametrize("mem", ["500G", "512000", "64g", "0"])
+def test_memory_sizes_slurm_reads_are_accepted(mem):
+    cfg = apply_overrides(get_preset("h800x32"), [f"job.mem={mem}"])
+    assert f"#SBATCH --mem={mem}\n" in render_sbatch(cfg, plan_job(cfg), Path("/r"))
+
+
+def test_a_bad_memory_size_is_refused():
+    cfg = apply_overrides(get_preset("h800x32"), ["job.mem=lots"])
+    with pytest.raises(ConfigError, match="job.mem='lots' is not a Slurm memory size"):
+        render_sbatch(cfg, plan_job(cfg), Path("/r"))
+
+
+def test_a_drained_node_is_excluded_not_the_chosen_ones_pinned():
+    """A requeued job must not wait for a pinned node that has since drained: no --nodelist, and the nodes seen out
+    of service are excluded (busy ones are not: they free up)."""
+    from hpc.cluster import parse_sinfo
+
+    header = "NODELIST|PARTITION|STATE|STATECOMPLETE|GRES|GRES_USED|CPUS|MEMORY|AVAIL|TIMELIMIT|REASON\n"
+    states = ["drained", "mixed", "down*", "idle", "idle", "idle", "idle"]
+    rows = [f"g{i}|h800|{s}|{s}|gpu:h800:8|gpu:h800:0(IDX:N/A)|128|2048000|up|2-00:00:00|none\n"
+            for i, s in enumerate(states)]
+    cfg = get_preset("h800x32")
+    plan = plan_job(cfg, parse_sinfo(header + "".join(rows)))
+    text = render_sbatch(cfg, plan, Path("/r"))
+    assert plan.nodelist == ["g3", "g4", "g5", "g6"] and plan.exclude == ["g0", "g2"]
+    assert "--nodelist" not in text and "#SBATCH --exclude=g0,g2\n" in text
+
+
+def test_untyped_gres_nodes_match_the_asked_gpu_type():
+    """Sites whose gres.conf names no type (gpu:8): the nodes count as job.gpu_type, the job asks for gpu:8 (a typed
+    request would never be satisfied there), and the plan says what it assumed."""
+    from hpc.cluster import parse_sinfo
+
+    header = "NODELIST|PARTITION|STATE|STATECOMPLETE|GRES|GRES_USED|CPUS|MEMORY|AVAIL|TIMELIMIT|REASON\n"
+    rows = [f"n{i}|gpu|idle|idle|gpu:8(S:0-1)|gpu:0(IDX:N/A)|128|2048000|up|2-00:00:00|none\n" for i in range(4)]
+    cfg = get_preset("h800x32")
+    plan = plan_job(cfg, parse_sinfo(header + "".join(rows)))
+    text = render_sbatch(cfg, plan, Path("/r"))
+    assert plan.partition == "gpu" and plan.gpu_type == "h800" and not plan.gres_typed
+    assert "#SBATCH --gres=gpu:8\n" in text
+    assert any("untyped GPU GRES" in n and "job.gpu_type=h800" in n for n in plan.notes), plan.notes
+
+
+def test_typed_nodes_are_preferred_over_untyped_ones_in_one_partition():
+    from hpc.cluster import parse_sinfo
+
+    header = "NODELIST|PARTITION|STATE|STATECOMPLETE|GRES|GRES_USED|CPUS|MEMORY|AVAIL|TIMELIMIT|REASON\n"
+    rows = [f"u{i}|gpu|idle|idle|gpu:8|gpu:0|128|2048000|up|2-00:00:00|none\n" for i in range(4)]
+    rows += [f"t{i}|gpu|idle|idle|gpu:h800:8|gpu:h800:0|128|2048000|up|2-00:00:00|none\n" for i in range(4)]
+    cfg = get_preset("h800x32")
+    plan = plan_job(cfg, parse_sinfo(header + "".join(rows)))
+    assert plan.nodelist == ["t0", "t1", "t2", "t3"] and plan.gres_typed
+    assert "#SBATCH --gres=gpu:h800:8\n" in render_sbatch(cfg, plan, Path("/r"))
