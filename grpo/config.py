@@ -56,10 +56,10 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.85  # share of each rollout GPU the engine may take
     max_num_seqs: int = 256  # sequences an engine runs at once (sizes the KV cache)
     sync_bucket_mb: int = 1024  # weight-sync bucket size
-    ignore_eos: bool = False
+    ignore_eos: bool = False  # sample every response to max_new_tokens (benchmarks: fixed lengths, as vLLM's flag)
     # colocated: the engine sleeps during the update (verl's free_cache_engine: vLLM sleep mode frees its weights and
     # KV cache, the native engine its KV cache). None: the planner decides (sleep only when both do not fit)
-    free_cache_engine: Optional[bool] = None  # sample every response to max_new_tokens (benchmarks: fixed lengths, as vLLM's flag)
+    free_cache_engine: Optional[bool] = None
 
 
 @dataclass(kw_only=True)
