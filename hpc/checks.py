@@ -64,8 +64,16 @@ def check_engine(cfg: Config) -> None:
                           "(or --set rollout.engine=native)")
 
 
+def check_algo(cfg: Config) -> None:
+    """Combinations of algorithm settings that the kernels refuse, caught before the job starts."""
+    if cfg.algo.leave_one_out and cfg.algo.norm_adv_by_std:
+        raise ConfigError("algo.leave_one_out=true (RLOO) is not divided by the group std, as verl's rloo "
+                          "estimator: add --set algo.norm_adv_by_std=false")
+
+
 def check_inputs(cfg: Config) -> list[str]:
     """Every check that can run here; returns lines worth printing with the plan."""
+    check_algo(cfg)
     check_engine(cfg)
     check_model(cfg)
     tokenizer = None
