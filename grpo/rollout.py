@@ -3,9 +3,11 @@
 The native engine (here) generates with the Hugging Face model's own modules and weights, in plain PyTorch, the
 gpt-fast way: a preallocated static KV cache, one decode step of fixed shapes (captured in a CUDA graph on GPUs),
 sampling on the device with no host sync per token. It serves the CPU presets and the GPU tests; vLLM
-(`grpo.vllm_engine`) serves production. Architectures: the Llama family as transformers writes it (Llama, Qwen2,
-Qwen3, Mistral without sliding windows): `model.model.layers[i].{input_layernorm, self_attn.{q,k,v,o}_proj,
-post_attention_layernorm, mlp}`, `model.model.{embed_tokens, norm, rotary_emb}`, `model.lm_head`.
+(`grpo.vllm_engine`) serves production. Architectures: the families of `grpo.families` (Llama 3.x, Qwen2/2.5,
+Qwen3, Mistral) as transformers writes them: `model.model.layers[i].{input_layernorm, self_attn.{q,k,v,o}_proj,
+post_attention_layernorm, mlp}`, `model.model.{embed_tokens, norm, rotary_emb}`, `model.lm_head`. Biases live in
+the projections themselves; Qwen3's `self_attn.{q,k}_norm` run before the rotary embedding; sliding windows
+(Mistral, Qwen with `use_sliding_window`) are masks per block, as transformers applies them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Iterable
 
 import torch
 import torch.nn.functional as F
+
+from grpo.families import sliding_windows
 
 
 @dataclass
@@ -70,8 +74,7 @@ class _Decoder:
         self.num_heads = cfg.num_attention_heads
         self.num_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
-            raise ValueError("the native engine has no sliding-window attention: set use_sliding_window=False")
+        self.windows = sliding_windows(cfg.to_dict())  # per block: a window width, or None (full attention)
         self.scale = self.head_dim ** -0.5
         self.rope_len = 0
         self.cos = self.sin = None
@@ -124,13 +127,14 @@ class _Decoder:
         # query i sees key j <= i inside its prompt; a padding query sees itself, so no row is empty (no NaN)
         mask = (cols[None, :] <= cols[:, None])[None] & ((cols[None, None, :] >= pad[:, None, None])
                                                           | (cols[None, :] == cols[:, None])[None])
-        mask = mask[:, None]  # [B, 1, W, W]
+        masks = {w: (mask if w is None else mask & ((cols[:, None] - cols[None, :]) < w)[None])[:, None]
+                 for w in set(self.windows)}  # [B, 1, W, W] per window width; a key is in the window if q - k < w
         h = self.model.model.embed_tokens(ids)
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, h, pos)
             cache_k[i, :, :, :W].copy_(k)
             cache_v[i, :, :, :W].copy_(v)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[self.windows[i]], scale=self.scale,
                                                enable_gqa=self.num_heads != self.num_kv)
             h = self._finish_layer(layer, h, o)
         return self._logits(h[:, -1])
@@ -140,11 +144,12 @@ class _Decoder:
         S = cache_k.shape[3]
         keys = torch.arange(S, device=tok.device)
         mask = (keys[None] >= pad[:, None]) & (keys[None] <= col)  # [B, S]
+        masks = {w: mask if w is None else mask & (col - keys < w)[None] for w in set(self.windows)}
         pos = (col - pad)[:, None]  # [B, 1]
         h = self.model.model.embed_tokens(tok[:, None])
         layer_step = self.compiled_layer or self.decode_layer
         for i, layer in enumerate(self.layers):
-            h = layer_step(layer, self.fused[i], h, pos, col, mask, cache_k[i], cache_v[i])
+            h = layer_step(layer, self.fused[i], h, pos, col, masks[self.windows[i]], cache_k[i], cache_v[i])
         return self._logits(h[:, -1])
 
     compiled_layer = None  # `decode_layer` through torch.compile (NativeEngine's `compile`)
