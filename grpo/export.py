@@ -217,7 +217,7 @@ def load_policy_from_checkpoint(cfg, path: Path) -> CausalLMPolicy:
 
     policy = build_policy(cfg.model, None, seed=cfg.train.seed, trainable=True, device=torch.device("cpu"))
     state = {"model": get_model_state_dict(policy)}
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)  # this process alone, no process group
     set_model_state_dict(policy, state["model"])
     return policy
 
