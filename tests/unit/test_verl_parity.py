@@ -7,7 +7,7 @@ import torch
 
 import grpo_kernels
 from grpo.loss import agg_loss
-from grpo.policy import build_scheduler, warmup_lr_scale
+from grpo.schedule import build_scheduler, warmup_lr_scale
 from grpo_kernels import group_advantage_ref
 from hpc.presets import PRESETS
 from hpc.submit import main
