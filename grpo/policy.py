@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor
 import grpo_kernels
 from grpo_kernels import fused_logprob_ref
 from grpo.config import ModelConfig
-from grpo.families import LORA_TARGETS, family_of
+from grpo.families import BLOCKS, LORA_TARGETS, family_of
 from grpo.tiny import build_tiny_model
 from grpo.weight_sync import Computed
 
@@ -417,7 +417,7 @@ def apply_checkpointing(policy: CausalLMPolicy) -> None:
     backward. The composable API keeps parameter names (a wrapper module would add `_checkpoint_wrapped_module.`)."""
     from torch.distributed._composable import checkpoint
 
-    for block in policy.lm.model.layers:
+    for block in policy.lm.get_submodule(BLOCKS):
         checkpoint(block)
 
 
@@ -427,7 +427,7 @@ def apply_fsdp(policy: CausalLMPolicy, mesh, *, param_dtype: torch.dtype, offloa
     (FSDP2 CPUOffloadPolicy)."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     extra = {"offload_policy": CPUOffloadPolicy(pin_memory=True)} if offload else {}
-    for block in policy.lm.model.layers:
+    for block in policy.lm.get_submodule(BLOCKS):  # every family keeps its blocks at model.layers
         fully_shard(block, mesh=mesh, mp_policy=mp, **extra)
     fully_shard(policy, mesh=mesh, mp_policy=mp, **extra)
     return policy

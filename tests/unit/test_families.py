@@ -67,6 +67,17 @@ def test_catalogue_shapes_count_as_transformers(name):
     assert shape.params == sum(p.numel() for p in model.parameters())
 
 
+def test_llama_biases_from_config_are_counted(tmp_path):
+    """Llama's `attention_bias` puts a bias on q, k, v and o; `mlp_bias` on gate, up and down."""
+    config = AutoConfig.for_model("llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, intermediate_size=48, vocab_size=20, attention_bias=True,
+                                  mlp_bias=True)
+    config.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert shape_from_config(tmp_path / "config.json").params == sum(p.numel() for p in model.parameters())
+
+
 def test_unknown_family_is_one_line_naming_the_known_ones():
     with pytest.raises(ValueError) as info:
         family_of({"model_type": "qwen2_5"}, where="model.path='x'")
