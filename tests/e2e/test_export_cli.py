@@ -25,8 +25,18 @@ def lora_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
-    _, run_dir = submit(tmp_path_factory.mktemp("full"), "train.steps=1", "train.export_hf=false")
+    """Full fine-tuning on two FSDP2 trainer ranks: a checkpoint in two shard files."""
+    _, run_dir = submit(tmp_path_factory.mktemp("full"), "train.steps=1", "job.trainer_ranks=2")
     return run_dir
+
+
+def test_checkpoint_of_two_ranks_exports_as_the_run_ended(full_run, tmp_path):
+    assert len(list((full_run / "checkpoints" / "step_00000001").glob("*.distcp"))) == 2
+    assert main([str(full_run), "--out", str(tmp_path / "out")]) == 0
+    ours = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).state_dict()
+    end = AutoModelForCausalLM.from_pretrained(str(full_run / "hf")).state_dict()  # the loop's own export
+    assert ours.keys() == end.keys() and all(torch.equal(ours[k], end[k]) for k in end)
+    assert any(not torch.equal(ours[k], v) for k, v in build_tiny_model(0).state_dict().items())
 
 
 def test_lora_merged_and_adapter_exports_agree_with_peft(lora_run, tmp_path):
@@ -73,4 +83,4 @@ def test_bad_input_is_one_line_exit_2(full_run, tmp_path, capsys):
     refuse(capsys, full_run, "--step", "7", words=["no checkpoint of step 7", "step(s) 1"])
     refuse(capsys, full_run, "--adapter", words=["--adapter", "lora_rank=0"])
     refuse(capsys, full_run, "--dtype", "float8", words=["--dtype"])
-    assert not (full_run / "export").exists()
+    assert not (full_run / "export").exists()  # nothing written for refused input

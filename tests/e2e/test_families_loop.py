@@ -51,11 +51,11 @@ def test_two_grpo_steps_with_weight_sync(run):
 
 def test_export_of_each_checkpoint(run, tmp_path):
     family, folder, run_dir, _ = run
-    outs = {1: tmp_path / "step1", 2: tmp_path / "step2"}
+    outs = {1: tmp_path / "step1", 2: run_dir / "export" / "step_2"}
     assert export_main([str(run_dir), "--step", "1", "--out", str(outs[1])]) == 0  # in this process
-    proc = subprocess.run([sys.executable, "-m", "grpo.export", str(run_dir), "--out", str(outs[2])],  # the latest
+    proc = subprocess.run([sys.executable, "-m", "grpo.export", str(run_dir)],  # the latest, to the default folder
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0 and f"to {outs[2]}" in proc.stdout, proc.stderr[-2000:]
     # the last checkpoint is what the loop exported at the end; the first is not
     last, first, end = weights(outs[2]), weights(outs[1]), weights(run_dir / "hf")
     assert last.keys() == end.keys() and all(torch.equal(last[k], end[k]) for k in end)
