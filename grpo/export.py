@@ -241,13 +241,20 @@ def export_run(run_dir: str | Path, *, step: int | None = None, adapter: bool = 
                                 dtype=getattr(torch, dtype) if dtype else None)
     else:  # as the loop's own export at the end of a run: the compute dtype
         target = export_hf(policy, target, dtype=getattr(torch, dtype or cfg.model.dtype))
-    if cfg.model.path == "tiny":
+    write_tokenizer(cfg.model.path, target)
+    return target
+
+
+def write_tokenizer(model_path: str, out: str | Path) -> None:
+    """The run's tokenizer beside a model exported to `out` (after its config.json), as AutoTokenizer will read it:
+    the tokenizer files of `model_path` copied as they are (a re-save through transformers can change the class
+    they load as), or the tiny word-level tokenizer (`grpo.tiny.save_tokenizer` says why it needs care)."""
+    if model_path == "tiny":
         from grpo.tiny import build_tokenizer, save_tokenizer
 
-        save_tokenizer(build_tokenizer(), target, model_type=policy.lm.config.model_type)
+        save_tokenizer(build_tokenizer(), out)
     else:
-        copy_tokenizer(Path(cfg.model.path).expanduser(), target)
-    return target
+        copy_tokenizer(Path(model_path).expanduser(), Path(out))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,6 +62,7 @@ def test_export_of_each_checkpoint(run, tmp_path):
     assert any(not torch.equal(first[k], end[k]) for k in end)
     model = AutoModelForCausalLM.from_pretrained(str(outs[2]))
     assert model.config.model_type == family
-    tok, ours = AutoTokenizer.from_pretrained(str(outs[2])), load_pretrained_tokenizer(folder)
-    text = "repeat 7 : 7 7 7 then copy 3 + 4 = 7"
-    assert tok(text).input_ids == ours(text).input_ids and len(ours(text).input_ids) == 13
+    ours, text = load_pretrained_tokenizer(folder), "repeat 7 : 7 7 7 then copy 3 + 4 = 7"
+    for exported in (outs[2], run_dir / "hf"):  # ours and the loop's own export at the end
+        tok = AutoTokenizer.from_pretrained(str(exported))
+        assert tok(text).input_ids == ours(text).input_ids and len(ours(text).input_ids) == 13, exported
