@@ -1,5 +1,13 @@
 """Export the trained policy as a Hugging Face folder that `AutoModelForCausalLM.from_pretrained` loads.
 
+From a run folder, one process, while or after training (the job is not needed):
+
+    python -m grpo.export RUN_DIR [--step N] [--adapter] [--out DIR] [--dtype float32|bfloat16]
+
+reads the checkpoint `RUN_DIR/checkpoints/step_N` (default: the latest complete one) and writes a Hugging Face
+folder (LoRA merged) with the tokenizer, or with `--adapter` the peft adapter folder of a LoRA run, to
+`--out` (default `RUN_DIR/export/step_N` or `.../step_N-adapter`).
+
 Every trainer rank calls the export (it is a collective over the FSDP mesh): the parameters are gathered one at a
 time with `full_tensor()` in the same order on every rank, and the first rank of the mesh moves each to the host and
 streams it into safetensors shards of at most `max_shard_bytes` (plus `model.safetensors.index.json` when there is
@@ -12,8 +20,10 @@ adapter_config.json) for `PeftModel.from_pretrained(base, folder)` or vLLM's LoR
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -169,3 +179,100 @@ def copy_tokenizer(source: Path, out: Path) -> None:
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, out / name)
+
+
+# ------------------------------------------------------------------------------------------- from a run folder
+
+def resolve_checkpoint(run_dir: str | Path, step: int | None) -> tuple[dict, Path, int]:
+    """(the run's config dict, the checkpoint folder, its step) for `step` (None: the latest complete one); a
+    one-line ValueError when the run folder, its config or the checkpoint is missing."""
+    from grpo import checkpoint
+
+    run = Path(run_dir).expanduser()
+    config_file = run / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{run} is not a run folder (no config.json)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {config_file}: {str(e).splitlines()[0]}") from None
+    found = {int(p.name.removeprefix("step_")): p for p in checkpoint.complete(run)}
+    if not found:
+        raise ValueError(f"{run} has no complete checkpoint yet (checkpoints/step_N; train.checkpoint_every sets "
+                         f"how often a run writes one)")
+    if step is None:
+        step = max(found)
+    if step not in found:
+        raise ValueError(f"{run} has no checkpoint of step {step}; it has step(s) {', '.join(map(str, sorted(found)))}")
+    return config, found[step], step
+
+
+def load_policy_from_checkpoint(cfg, path: Path) -> CausalLMPolicy:
+    """An unsharded policy (CPU) with the model state of a DCP checkpoint written by any number of trainer ranks:
+    DCP reshards on load, and only the model entries are read (not the optimizer's)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    from grpo.policy import build_policy
+
+    policy = build_policy(cfg.model, None, seed=cfg.train.seed, trainable=True, device=torch.device("cpu"))
+    state = {"model": get_model_state_dict(policy)}
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)  # this process alone, no process group
+    set_model_state_dict(policy, state["model"])
+    return policy
+
+
+def export_run(run_dir: str | Path, *, step: int | None = None, adapter: bool = False, out: str | Path | None = None,
+               dtype: str | None = None) -> Path:
+    """Export one checkpoint of a run folder (see the module docstring); returns the folder written."""
+    from grpo.config import from_dict
+
+    config, path, step = resolve_checkpoint(run_dir, step)
+    cfg = from_dict(config)
+    if adapter and cfg.model.lora_rank <= 0:
+        raise ValueError(f"--adapter: {run_dir} is a full fine-tuning run (model.lora_rank=0), it has no adapter; "
+                         f"export it without --adapter")
+    if dtype not in (None, "float32", "bfloat16"):
+        raise ValueError(f"--dtype {dtype!r}: use float32 or bfloat16")
+    target = Path(out) if out else Path(run_dir) / "export" / (f"step_{step}-adapter" if adapter else f"step_{step}")
+    policy = load_policy_from_checkpoint(cfg, path)
+    if adapter:  # adapters stay in their float32 training dtype unless --dtype says otherwise
+        target = export_adapter(policy, target, base_model="" if cfg.model.path == "tiny" else cfg.model.path,
+                                dtype=getattr(torch, dtype) if dtype else None)
+    else:  # as the loop's own export at the end of a run: the compute dtype
+        target = export_hf(policy, target, dtype=getattr(torch, dtype or cfg.model.dtype))
+    write_tokenizer(cfg.model.path, target)
+    return target
+
+
+def write_tokenizer(model_path: str, out: str | Path) -> None:
+    """The run's tokenizer beside a model exported to `out` (after its config.json), as AutoTokenizer will read it:
+    the tokenizer files of `model_path` copied as they are (a re-save through transformers can change the class
+    they load as), or the tiny word-level tokenizer (`grpo.tiny.save_tokenizer` says why it needs care)."""
+    if model_path == "tiny":
+        from grpo.tiny import build_tokenizer, save_tokenizer
+
+        save_tokenizer(build_tokenizer(), out)
+    else:
+        copy_tokenizer(Path(model_path).expanduser(), Path(out))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m grpo.export", description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dir", help="a run folder (holds config.json and checkpoints/step_N)")
+    ap.add_argument("--step", type=int, default=None, help="the checkpoint's step (default: the latest)")
+    ap.add_argument("--adapter", action="store_true", help="LoRA runs: write the peft adapter folder, not merged")
+    ap.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export/step_N[-adapter])")
+    ap.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the run's model.dtype)")
+    args = ap.parse_args(argv)
+    try:
+        target = export_run(args.run_dir, step=args.step, adapter=args.adapter, out=args.out, dtype=args.dtype)
+    except (ValueError, OSError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    print(f"exported {'adapter' if args.adapter else 'model'} to {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -31,12 +31,12 @@ from grpo.channel import Channel, End, Generate, Sync
 from grpo.config import Config
 from grpo.coordinator import Rollouts
 from grpo.engine import KV_CACHE, WEIGHTS, Engine, NativeRollout, SyncLink
-from grpo.export import export_hf
+from grpo.export import export_hf, write_tokenizer
 from grpo.offload import OptimizerSwap
 from grpo.policy import CausalLMPolicy, build_lm, build_optimizer, build_policy, build_reference, sync_named_tensors
 from grpo.prompts import load_tokenizer, make_source, special_ids
 from grpo.rollout import NativeEngine
-from grpo.tiny import save_tokenizer
+from grpo.schedule import build_scheduler
 from grpo.train_step import Models, Ranks, train_step
 from grpo.weight_sync import CudaIpcGroup, StatelessGroup, WeightSender
 from grpo_kernels import group_advantage_ref
@@ -222,8 +222,7 @@ class Trainer:
         for model in (policy, ref):
             if isinstance(model, CausalLMPolicy):
                 model.kernel = cfg.algo.kernels
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / t.warmup_steps) if t.warmup_steps else 1.0)
+        sched = build_scheduler(opt, t.warmup_steps)
         self.models = Models(policy, ref, opt, sched, fused=policy.fused_loss_available(device))
         self.swap = OptimizerSwap(opt) if roles.swap_optimizer else None
         self.tok = load_tokenizer(cfg)
@@ -357,6 +356,7 @@ class Trainer:
         trace(f"step {step}: batch in")
         if self.swap is not None:
             self.swap.reload()
+        lr = self.models.sched.get_last_lr()[0]  # the rate this step trains with (train_step steps the schedule)
         stats = train_step(self.models, batch, self.cfg, self.ranks)
         self.rollouts.trained()
         t2, wall2 = time.perf_counter(), time.time()
@@ -376,7 +376,7 @@ class Trainer:
         row = None
         if self.driver:
             row = {"step": step, **info, **{k: float(v) for k, v in stats.items()},
-                   "lr": self.models.sched.get_last_lr()[0], "rollout_s": t1 - t0, "update_s": t2 - t1,
+                   "lr": lr, "rollout_s": t1 - t0, "update_s": t2 - t1,
                    "next_batch_wait_s": t3 - t2, "sync_s": t4 - t3, "step_s": t4 - t0,
                    "update_start_s": wall1, "update_end_s": wall2,  # wall clock: overlap checks across ranks
                    **used, **gpu_memory(self.device, prefix="trainer_")}
@@ -385,10 +385,8 @@ class Trainer:
     def export(self) -> None:
         """The trained policy as a Hugging Face folder (LoRA merged), with the tokenizer: what users load next."""
         out = export_hf(self.models.policy, self.run_dir / "hf", dtype=getattr(torch, self.cfg.model.dtype))
-        if self.driver and self.cfg.model.path == "tiny":
-            save_tokenizer(self.tok, out)
-        elif self.driver:
-            self.tok.save_pretrained(out)
+        if self.driver:
+            write_tokenizer(self.cfg.model.path, out)
 
 
 def device_used(device: torch.device) -> dict:

@@ -3,8 +3,8 @@
 The forward never builds [tokens, vocab] logits in the loop: it takes the final hidden states of the response
 positions and the LM head's weight and hands them to the log-prob kernel.
 
-A model comes either from `grpo.tiny` (`model.path == "tiny"`) or from a local Hugging Face Qwen2-family folder
-(config.json + safetensors). A checkpoint is never loaded whole: the model is built on the meta device, sharded by
+A model comes either from `grpo.tiny` (`model.path == "tiny"`) or from a local Hugging Face folder (config.json +
+safetensors) of a family in `grpo.families` (Llama 3.x, Qwen2/2.5, Qwen3, Mistral). A checkpoint is never loaded whole: the model is built on the meta device, sharded by
 FSDP2 (`fully_shard` per transformer block, then the root), materialised with `to_empty`, and every rank reads only
 its own rows of each tensor from the safetensors files (`safe_open(...).get_slice`). Nothing here runs a collective,
 so rollout ranks outside the FSDP mesh can never be caught in one.
@@ -32,12 +32,12 @@ import grpo_kernels
 from grpo import packing as grpo_packing
 from grpo_kernels import fused_logprob_ref
 from grpo.config import ModelConfig
+from grpo.families import BLOCKS, LORA_TARGETS, family_of
 from grpo.tiny import build_tiny_model
 from grpo.weight_sync import Computed
 
 PREFIX = "lm."
-SUPPORTED_MODEL_TYPES = ("qwen2",)  # Qwen2 and Qwen2.5 checkpoints both say "qwen2"
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_LINEAR = LORA_TARGETS  # every family's seven block linears (grpo.families)
 ADAPTER = "default"  # peft's adapter name; it appears in module names but not in saved adapter files
 PEFT_PREFIX = "base_model.model."  # the prefix of every tensor name in a peft adapter file
 
@@ -155,10 +155,7 @@ def read_checkpoint(path: str) -> Checkpoint:
         raise ValueError(f"{where}: no config.json in {folder}; is this a Hugging Face model folder?") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{where}: cannot read {cfg_file}: {str(e).splitlines()[0]}") from None
-    model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{where}: config.json has model_type={model_type!r}; only Qwen2-family checkpoints "
-                         f"(model_type {', '.join(map(repr, SUPPORTED_MODEL_TYPES))}) are supported")
+    family_of(config, where=where)
     index = folder / "model.safetensors.index.json"
     files: dict[str, Path] = {}
     if index.is_file():
@@ -425,7 +422,7 @@ def apply_checkpointing(policy: CausalLMPolicy) -> None:
     backward. The composable API keeps parameter names (a wrapper module would add `_checkpoint_wrapped_module.`)."""
     from torch.distributed._composable import checkpoint
 
-    for block in policy.lm.model.layers:
+    for block in policy.lm.get_submodule(BLOCKS):
         checkpoint(block)
 
 
@@ -435,7 +432,7 @@ def apply_fsdp(policy: CausalLMPolicy, mesh, *, param_dtype: torch.dtype, offloa
     (FSDP2 CPUOffloadPolicy)."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     extra = {"offload_policy": CPUOffloadPolicy(pin_memory=True)} if offload else {}
-    for block in policy.lm.model.layers:
+    for block in policy.lm.get_submodule(BLOCKS):  # every family keeps its blocks at model.layers
         fully_shard(block, mesh=mesh, mp_policy=mp, **extra)
     fully_shard(policy, mesh=mesh, mp_policy=mp, **extra)
     return policy

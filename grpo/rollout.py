@@ -3,9 +3,11 @@
 The native engine (here) generates with the Hugging Face model's own modules and weights, in plain PyTorch, the
 gpt-fast way: a preallocated static KV cache, one decode step of fixed shapes (captured in a CUDA graph on GPUs),
 sampling on the device with no host sync per token. It serves the CPU presets and the GPU tests; vLLM
-(`grpo.vllm_engine`) serves production. Architectures: the Llama family as transformers writes it (Llama, Qwen2,
-Qwen3, Mistral without sliding windows): `model.model.layers[i].{input_layernorm, self_attn.{q,k,v,o}_proj,
-post_attention_layernorm, mlp}`, `model.model.{embed_tokens, norm, rotary_emb}`, `model.lm_head`.
+(`grpo.vllm_engine`) serves production. Architectures: the families of `grpo.families` (Llama 3.x, Qwen2/2.5,
+Qwen3, Mistral) as transformers writes them: `model.model.layers[i].{input_layernorm, self_attn.{q,k,v,o}_proj,
+post_attention_layernorm, mlp}`, `model.model.{embed_tokens, norm, rotary_emb}`, `model.lm_head`. Biases live in
+the projections themselves; Qwen3's `self_attn.{q,k}_norm` run before the rotary embedding; sliding windows
+(Mistral, Qwen with `use_sliding_window`) are masks per block, as transformers applies them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from grpo import packing
+from grpo.families import sliding_windows
 
 
 @dataclass
@@ -72,8 +75,7 @@ class _Decoder:
         self.num_heads = cfg.num_attention_heads
         self.num_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
-            raise ValueError("the native engine has no sliding-window attention: set use_sliding_window=False")
+        self.windows = sliding_windows(cfg.to_dict())  # per block: a window width, or None (full attention)
         self.scale = self.head_dim ** -0.5
         self.rope_len = 0
         self.cos = self.sin = None
@@ -140,18 +142,20 @@ class _Decoder:
         row_of, src, col, pos, cu = (t.to(device) for t in (row_of, src, col, pos, cu.to(torch.int32)))
         h = self.model.model.embed_tokens(ids[None])
         varlen = packing.varlen_supported(h)
-        mask = None if varlen else packing.block_causal_mask(cu, ids.numel())
+        masks = {} if varlen else {w: packing.block_causal_mask(cu, ids.numel(), window=w)
+                                   for w in set(self.windows)}
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, h, pos[None])  # q [1, H, T, D], k/v [1, KV, T, D]
             k, v = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [T, KV, D]
             cache_k[i][row_of, :, col] = k[src]
             cache_v[i][row_of, :, col] = v[src]
             if varlen:
-                o = packing.varlen_attention(q[0].transpose(0, 1), k, v, cu, int(lengths.max()), scale=self.scale)
+                o = packing.varlen_attention(q[0].transpose(0, 1), k, v, cu, int(lengths.max()), scale=self.scale,
+                                             window=self.windows[i])
                 o = o.transpose(0, 1)[None]
             else:
                 o = F.scaled_dot_product_attention(q, k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                                   attn_mask=mask, scale=self.scale,
+                                                   attn_mask=masks[self.windows[i]], scale=self.scale,
                                                    enable_gqa=self.num_heads != self.num_kv)
             h = self._finish_layer(layer, h, o)
         return self._logits(h[0, cu[1:].long() - 1]).repeat_interleave(n, dim=0)
@@ -161,11 +165,12 @@ class _Decoder:
         S = cache_k.shape[3]
         keys = torch.arange(S, device=tok.device)
         mask = (keys[None] >= pad[:, None]) & (keys[None] <= col)  # [B, S]
+        masks = {w: mask if w is None else mask & (col - keys < w)[None] for w in set(self.windows)}
         pos = (col - pad)[:, None]  # [B, 1]
         h = self.model.model.embed_tokens(tok[:, None])
         layer_step = self.compiled_layer or self.decode_layer
         for i, layer in enumerate(self.layers):
-            h = layer_step(layer, self.fused[i], h, pos, col, mask, cache_k[i], cache_v[i])
+            h = layer_step(layer, self.fused[i], h, pos, col, masks[self.windows[i]], cache_k[i], cache_v[i])
         return self._logits(h[:, -1])
 
     compiled_layer = None  # `decode_layer` through torch.compile (NativeEngine's `compile`)

@@ -85,6 +85,7 @@ def train_step(models: Models, batch: Batch, cfg: Config, ranks: Ranks = Ranks()
         grad_norm = optimizer_step(models, train, ranks.dp)
         add("skipped_steps", (~torch.isfinite(grad_norm)).float() / ranks.dp)
         add("grad_norm", grad_norm / ranks.dp)
+    models.sched.step()  # once per training step whatever the mini-batches, as verl (grpo.schedule)
     # trainer vs engine log-probs of the sampled tokens under the weights that sampled them
     gap_sum = sums.pop("gap_sum")
     # (off-policy, the old log-probs are one update newer than the sampler: the gap holds the staleness too)
@@ -115,7 +116,6 @@ def optimizer_step(models: Models, train, dp: int) -> torch.Tensor:
             raise FloatingPointError(
                 f"{models.bad_steps} optimizer steps in a row had a non-finite loss or grad norm; "
                 "lower train.lr or check the data (train.max_bad_steps sets the limit)")
-    models.sched.step()
     models.opt.zero_grad(set_to_none=True)
     return grad_norm
 

@@ -5,6 +5,7 @@ import triton
 import triton.language as tl
 
 from . import _lm_head as lm
+from .reference import check_advantage_modes
 
 
 @triton.jit
@@ -42,7 +43,8 @@ def group_advantage(rewards, group_size, *, eps=1e-6, norm_by_std=True, leave_on
         group_size: members per group n, an int >= 1.
         eps: added to the group std before dividing.
         norm_by_std: GRPO, (r - baseline) / (std + eps) with the unbiased std; False is Dr.GRPO (r - baseline).
-        leave_one_out: the baseline of member j is the mean of the other n - 1 members (else the group mean).
+        leave_one_out: RLOO: the baseline of member j is the mean of the other n - 1 members (else the group
+            mean); verl's rloo never divides it by the std, so together with `norm_by_std` it is a ValueError.
 
     Returns:
         [B * n] float32 advantages. A group of one has mean 0 and std 1, as in verl (so its advantage is
@@ -55,6 +57,7 @@ def group_advantage(rewards, group_size, *, eps=1e-6, norm_by_std=True, leave_on
         raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
     if rewards.numel() % group_size != 0:
         raise ValueError(f"len(rewards)={rewards.numel()} is not divisible by group_size={group_size}")
+    check_advantage_modes(norm_by_std=norm_by_std, leave_one_out=leave_one_out)
     lm.check_device(rewards, name="group_advantage")
     r = rewards.detach()
     if not r.is_floating_point():

@@ -59,7 +59,8 @@ def group_advantage_ref(rewards, group_size, *, eps=1e-6, norm_by_std=True, leav
         eps: added to the group std before dividing.
         norm_by_std: divide by (std + eps) with unbiased std (GRPO); False gives
             plain centring (Dr.GRPO).
-        leave_one_out: the baseline of member j is the mean of the other n-1 members.
+        leave_one_out: RLOO: the baseline of member j is the mean of the other n-1 members, not divided by the
+            group std (verl's `rloo` estimator); with `norm_by_std` it is a ValueError (pass norm_by_std=False).
 
     Returns:
         [B * n] float32 advantages. A group of one uses mean 0 and std 1 (as verl
@@ -71,6 +72,7 @@ def group_advantage_ref(rewards, group_size, *, eps=1e-6, norm_by_std=True, leav
         raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
     if rewards.numel() % group_size != 0:
         raise ValueError(f"len(rewards)={rewards.numel()} is not divisible by group_size={group_size}")
+    check_advantage_modes(norm_by_std=norm_by_std, leave_one_out=leave_one_out)
 
     # float64 keeps constant groups exactly zero (sum of n equal float32 values is exact).
     r = rewards.detach().double().view(-1, group_size)
@@ -86,3 +88,11 @@ def group_advantage_ref(rewards, group_size, *, eps=1e-6, norm_by_std=True, leav
     if norm_by_std:
         adv = adv / (std + eps)
     return adv.reshape(-1).float()
+
+
+def check_advantage_modes(*, norm_by_std: bool, leave_one_out: bool) -> None:
+    """Leave-one-out baselines are RLOO, which verl never divides by the group std (`compute_rloo_outcome_advantage`);
+    the mixed estimator is nobody's, so it is refused rather than silently computed or silently changed."""
+    if norm_by_std and leave_one_out:
+        raise ValueError("leave_one_out=True (RLOO) is not divided by the group std, as verl's rloo estimator: "
+                         "pass norm_by_std=False with it")

@@ -10,10 +10,12 @@ import json
 from pathlib import Path
 
 from grpo.config import Config, ConfigError
+from grpo.families import family_of
 
 
 def check_model(cfg: Config) -> None:
-    """The model folder exists, is readable and holds a Qwen2-family config and safetensors weights."""
+    """The model folder exists, is readable and holds a config of a supported family (grpo.families) and
+    safetensors weights."""
     if cfg.model.path == "tiny":
         return
     path = Path(cfg.model.path).expanduser()
@@ -22,13 +24,14 @@ def check_model(cfg: Config) -> None:
         raise ConfigError(f"model.path={cfg.model.path!r} is not a folder here; point it at a Hugging Face "
                           "checkpoint folder (config.json + *.safetensors) that every node can read")
     try:
-        arch = json.loads(config.read_text()).get("model_type")
+        data = json.loads(config.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.path={cfg.model.path!r}: cannot read config.json ({e.__class__.__name__}: "
                           f"{e})") from None
-    if arch not in ("qwen2", "qwen2_5"):
-        raise ConfigError(f"model.path={cfg.model.path!r} holds a {arch!r} model; this trainer supports the "
-                          "Qwen2 family (model_type qwen2)")
+    try:
+        family_of(data, where=f"model.path={cfg.model.path!r}")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if not any(path.glob("*.safetensors")):
         raise ConfigError(f"model.path={cfg.model.path!r} has no *.safetensors weights")
 
@@ -65,8 +68,16 @@ def check_engine(cfg: Config) -> None:
                           "(or --set rollout.engine=native)")
 
 
+def check_algo(cfg: Config) -> None:
+    """Combinations of algorithm settings that the kernels refuse, caught before the job starts."""
+    if cfg.algo.leave_one_out and cfg.algo.norm_adv_by_std:
+        raise ConfigError("algo.leave_one_out=true (RLOO) is not divided by the group std, as verl's rloo "
+                          "estimator: add --set algo.norm_adv_by_std=false")
+
+
 def check_inputs(cfg: Config) -> list[str]:
     """Every check that can run here; returns lines worth printing with the plan."""
+    check_algo(cfg)
     check_engine(cfg)
     check_model(cfg)
     tokenizer = None

@@ -63,7 +63,8 @@ def trainer_memory(shape: ModelShape, *, gpus: int, tokens_per_micro_batch: int,
     est.gpu["gathered blocks (bf16)"] = (2 * 2 * shape.block_params + 2 * shape.block_params) / GB
     est.gpu["root: embeddings + LM head (bf16)"] = 2 * shape.embed_params / GB
     tokens, H = tokens_per_micro_batch, shape.hidden
-    per_block = tokens * 2 * (4 * H + 2 * shape.kv_heads * shape.head_dim + 4 * shape.intermediate)
+    q_width = shape.heads * shape.head_dim  # H except where config.json sets head_dim (Qwen3)
+    per_block = tokens * 2 * (3 * H + q_width + 2 * shape.kv_heads * shape.head_dim + 4 * shape.intermediate)
     if activation_checkpointing:
         est.gpu["activations (checkpointed)"] = (shape.layers * tokens * H * 2 + per_block) / GB
     else:

@@ -8,6 +8,7 @@ their hyperparameters. Where we differ by design:
   offload are the planner's choice from its step-time and memory models (the seeds switch every saving on); an
   engine takes at most 0.85 of its GPU, less where a colocated trainer keeps state beside it;
 - the H20 seed reads an undefined `$data_path`; we use the H800 seed's GSM8K file.
+Every preset uses verl's AdamW defaults (weight decay 0.01, `actor.optim.weight_decay`), which the seeds inherit.
 `model.path` and `data.train_path` name the seeds' files; point them at yours with --set.
 """
 
@@ -27,7 +28,7 @@ def local() -> Config:
         data=DataConfig(task="repeat", prompts_per_step=8, max_prompt_len=16),
         rollout=RolloutConfig(engine="native", n=8, max_new_tokens=8, temperature=1.0, sync_bucket_mb=1),
         algo=AlgoConfig(kl_coef=0.001, kl_kind="low_var_kl", agg="token-mean"),
-        train=TrainConfig(steps=300, lr=3e-3, warmup_steps=0, grad_clip=1.0, seed=0),
+        train=TrainConfig(steps=300, lr=3e-3, weight_decay=0.01, warmup_steps=0, grad_clip=1.0, seed=0),
         job=JobConfig(executor="local", trainer_ranks=1, rollout_ranks=1, time_limit_min=15),
     )
 
@@ -49,7 +50,7 @@ def h800x32() -> Config:
                         max_prompt_len=512),
         rollout=RolloutConfig(engine="vllm", n=5, max_new_tokens=512, temperature=1.0, max_num_seqs=256),
         algo=AlgoConfig(kl_coef=0.001, kl_kind="low_var_kl", entropy_coef=0.0, agg="token-mean"),
-        train=TrainConfig(steps=100, lr=1e-6, mini_batches=4, max_tokens_per_gpu=24000, checkpoint_every=20),
+        train=TrainConfig(steps=100, lr=1e-6, weight_decay=0.01, mini_batches=4, max_tokens_per_gpu=24000, checkpoint_every=20),
         job=JobConfig(executor="slurm", gpu_type="h800", nodes=4, gpus_per_node=8, trainer_ranks=0,
                       time_limit_min=24 * 60, cpus_per_task=8, host_mem_gb=1024),
     )
@@ -73,7 +74,7 @@ def h100x8_lora() -> Config:
                         max_prompt_len=512),
         rollout=RolloutConfig(engine="vllm", n=5, max_new_tokens=1024, temperature=1.0, max_num_seqs=512),
         algo=AlgoConfig(kl_coef=0.001, kl_kind="low_var_kl", entropy_coef=0.001, agg="token-mean"),
-        train=TrainConfig(steps=100, lr=3e-5, mini_batches=1, max_tokens_per_gpu=32768, checkpoint_every=20),
+        train=TrainConfig(steps=100, lr=3e-5, weight_decay=0.01, mini_batches=1, max_tokens_per_gpu=32768, checkpoint_every=20),
         job=JobConfig(executor="slurm", gpu_type="h100", nodes=1, gpus_per_node=8, trainer_ranks=0,
                       time_limit_min=24 * 60, cpus_per_task=8, host_mem_gb=1024),
     )
@@ -88,7 +89,7 @@ def h100x2() -> Config:
                         max_prompt_len=128),
         rollout=RolloutConfig(engine="native", n=8, max_new_tokens=512, max_num_seqs=64),
         algo=AlgoConfig(kl_coef=0.04, kl_kind="low_var_kl"),
-        train=TrainConfig(steps=50, lr=1e-6, mini_batches=1, max_tokens_per_gpu=16384),
+        train=TrainConfig(steps=50, lr=1e-6, weight_decay=0.01, mini_batches=1, max_tokens_per_gpu=16384),
         job=JobConfig(executor="slurm", gpu_type="h100", nodes=1, gpus_per_node=2, trainer_ranks=1,
                       time_limit_min=60, cpus_per_task=8),
     )

@@ -78,7 +78,8 @@ def run(tmp_path, name, *overrides, time_share=False):
 @pytest.mark.parametrize("name, overrides", [("default", []), ("mini_batches=2", ["train.mini_batches=2"])])
 def test_on_policy_metrics_equal_the_loop_before_its_rebuild(tmp_path, name, overrides):
     golden = json.loads(GOLDEN.read_text())[name]
-    rows, _ = run(tmp_path, "on", "train.steps=4", *overrides)
+    # the golden file predates the presets' weight decay of 0.01 (verl's): the same run is the one without it
+    rows, _ = run(tmp_path, "on", "train.steps=4", "train.weight_decay=0", *overrides)
     assert len(rows) == len(golden)
     for row, want in zip(rows, golden):
         assert {k: row[k] for k in want} == pytest.approx(want, rel=1e-6, abs=1e-9)

@@ -202,9 +202,10 @@ def test_unreadable_config(tmp_path):
     one_line_error(tmp_path, "cannot read")
 
 
-def test_not_a_qwen2_model(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    one_line_error(tmp_path, "model_type='llama'.*Qwen2")
+@pytest.mark.parametrize("model_type", ["gpt2", "qwen2_5"])  # qwen2_5 is no model type: Qwen2.5 says qwen2
+def test_not_a_supported_family(tmp_path, model_type):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    one_line_error(tmp_path, f"model_type='{model_type}'.*llama.*qwen2.*qwen3.*mistral")
 
 
 def test_no_safetensors(tmp_path):

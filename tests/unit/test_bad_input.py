@@ -40,10 +40,10 @@ def test_missing_model_path(tmp_path, capsys):
 
 
 def test_unreadable_or_foreign_model(tmp_path, capsys, model_dir):
-    bad = tmp_path / "llama"
+    bad = tmp_path / "gpt2"
     bad.mkdir()
-    (bad / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    refuse(tmp_path, capsys, f"model.path={bad}", words=["'llama'", "Qwen2"])
+    (bad / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    refuse(tmp_path, capsys, f"model.path={bad}", words=["'gpt2'", "llama", "qwen2", "qwen3", "mistral"])
     (bad / "config.json").write_text("{not json")
     refuse(tmp_path, capsys, f"model.path={bad}", words=["cannot read config.json"])
 
