@@ -291,10 +291,20 @@ class Trainer:
                         group=self.groups.train, is_leader=self.driver, keep=self.cfg.train.keep_checkpoints)
 
     def sync(self, version: int) -> str | None:
-        """Send the weights after `version` updates to the engines; returns the stop agreed in that round."""
+        """Send the weights after `version` updates to the engines; returns the stop agreed in that round.
+        Time-shared, the trainer gives the GPU back first (the engine wakes its weights to receive) and after (the
+        sync's buckets, before the engine wakes its KV cache)."""
+        if self.swap is not None:
+            self.swap.offload()
+        self.give_back_gpu()
         halt = self.rollouts.sync(version)
         self.sender.send()
+        self.give_back_gpu()
         return halt
+
+    def give_back_gpu(self) -> None:
+        if self.roles.time_share and self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the allocator's cached blocks go back to the GPU, for the engine beside it
 
     def run(self) -> str:
         steps, every = self.cfg.train.steps, self.cfg.train.checkpoint_every
@@ -364,13 +374,7 @@ class Trainer:
         trace(f"step {step}: updated")
         pending = self.rollouts.collect() if look_ahead else None
         t3 = time.perf_counter()
-        if self.swap is not None:
-            self.swap.offload()
-        if self.roles.time_share and self.device.type == "cuda":
-            torch.cuda.empty_cache()  # the allocator's cached blocks go back to the GPU, for the engine to wake into
         self.halt = self.sync(step)
-        if self.roles.time_share and self.device.type == "cuda":
-            torch.cuda.empty_cache()  # and the sync's buckets, before the engine wakes its KV cache
         t4 = time.perf_counter()
         trace(f"step {step}: weights sent")
         row = None
