@@ -186,7 +186,7 @@ RANGES: dict[str, str] = {
     "train.steps": "[1, inf)", "train.lr": "(0, inf)", "train.weight_decay": "[0, inf)",
     "train.warmup_steps": "[0, inf)",
     "train.grad_clip": "(0, inf)", "train.mini_batches": "[1, inf)", "train.max_tokens_per_gpu": "[0, inf)",
-    "train.seed": f"[0, {2**64 - 1}]",  # torch.manual_seed's range
+    "train.seed": f"[0, {2**63 - 1}]",  # a signed 64-bit integer (torch's generators unpack a long long)
     "train.checkpoint_every": "[0, inf)", "train.keep_checkpoints": "[0, inf)", "train.max_bad_steps": "[1, inf)",
     "job.nodes": "[1, inf)", "job.gpus_per_node": "[0, inf)", "job.trainer_ranks": "[0, inf)",
     "job.rollout_ranks": "[1, inf)", "job.trainer_fraction": "(0, 1)", "job.host_mem_gb": "[0, inf)",
@@ -196,8 +196,8 @@ RANGES: dict[str, str] = {
 
 
 def _in_range(value: float, spec: str) -> bool:
-    lo_text, hi_text = (x.strip() for x in spec[1:-1].split(","))
-    lo, hi = float(lo_text), float(hi_text)
+    # integer bounds stay integers: float(2**63 - 1) rounds up to 2**63 and would let 2**63 through
+    lo, hi = (int(x) if x.strip().lstrip("-").isdigit() else float(x) for x in spec[1:-1].split(","))
     above = value > lo if spec[0] == "(" else value >= lo
     below = value < hi if spec[-1] == ")" else value <= hi
     return above and below

@@ -23,7 +23,7 @@ from grpo.config import (ConfigError, apply_mapping, apply_overrides, check_text
                          to_yaml)
 from hpc import claim
 from hpc.checks import check_inputs, check_lead_time
-from hpc.plan import Plan, format_plan, plan_job, slurm_available
+from hpc.plan import Plan, check_config, format_plan, plan_job, slurm_available
 from hpc.presets import PRESETS, get_preset
 from hpc.sbatch import log_folder, render_sbatch, runner_command, task_python
 
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.run_dir is not None:
             check_text("--run-dir", args.run_dir)
         cfg = resolve_config(args)
+        check_config(cfg)  # the config alone, before the cluster is asked anything
         check_run_dir(cfg, args.run_dir, args.resume)
         try:
             cluster = read_cluster(cfg, args.cluster_file)
