@@ -351,8 +351,10 @@ def report(job, run_dir: Path, steps: int, *, export: bool = False) -> int:
         if str(job.state).startswith("CANCELLED"):
             print(f"job {job.job_id} was cancelled; {stopped_message(run_dir, steps)}", file=sys.stderr)
             return 3
-        print(f"error: job {job.job_id} failed ({job.state}): {str(e).strip().splitlines()[-1]}", file=sys.stderr)
-        for line in explain_failure(run_dir / "logs" / str(job.job_id)):
+        causes = explain_failure(run_dir / "logs" / str(job.job_id))
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        print(f"error: job {job.job_id} failed ({job.state})" + ("" if causes else f": {last}"), file=sys.stderr)
+        for line in causes:
             print(f"  {line}", file=sys.stderr)
         print(f"logs: {run_dir / 'logs' / str(job.job_id)}", file=sys.stderr)
         return 1
@@ -388,16 +390,26 @@ def explain_failure(log_dir: Path) -> list[str]:
     for text in texts.values():
         for host, task, what in re.findall(r"srun: error: (\S+): tasks? ([\d,-]+): (.+)", text):
             found.append(f"rank {task} on {host}: {what.strip()}")
+    full = [ln.strip() for text in texts.values() for ln in text.splitlines() if "No space left on device" in ln]
+    if full:  # the cause, whatever the ranks then failed on
+        found.append(f"the disk is full: {full[-1][:300]}; free space (or move the run folder) and resume")
     if found:
         return sorted(set(found))
     for path, text in texts.items():
         m = re.fullmatch(r".*_(\d+)_log\.err", path.name)
+        if not m:
+            continue
         errors = [ln for ln in text.splitlines() if re.search(r"(Error|Exception)\b", ln)]
-        if m and errors:
-            out = texts.get(path.with_suffix(".out"), "")
-            host = re.search(r"hostname=([^,\s)]+)", out)
-            line = re.sub(r"^\[rank\d+\]:\s*", "", errors[-1]).strip()
-            found.append(f"rank {m.group(1)} on {host.group(1) if host else '?'}: {line}")
+        out = texts.get(path.with_suffix(".out"), "")
+        host = re.search(r"hostname=([^,\s)]+)", out)
+        where = f"rank {m.group(1)} on {host.group(1) if host else '?'}"
+        if errors:
+            found.append(f"{where}: " + re.sub(r"^\[rank\d+\]:\s*", "", errors[-1]).strip())
+        elif not path.with_name(path.name.replace("_log.err", "_result.pkl")).exists():
+            # no error and no result (submitit writes one for a return and for a raise): the process was killed
+            # from outside; its peers' errors ("connection reset") are the consequence, so it goes first
+            found.insert(0, f"{where}: killed by a signal (it left no error and no result: SIGKILL, or the "
+                            "out-of-memory killer)")
     return found[:8]
 
 
