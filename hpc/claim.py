@@ -27,12 +27,14 @@ SLURM_LIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "R
 
 def process_start(pid: int) -> str | None:
     """The start time of process `pid` (field 22 of /proc/PID/stat): with the pid it names one process, even after
-    the pid is reused. None when there is no such process."""
+    the pid is reused. None when there is no such running process."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat[stat.rfind(")") + 2:].split()[19]
+    fields = stat[stat.rfind(")") + 2:].split()
+    # a zombie (Z) or dead (X) process has ended; its parent (or a container's init) has not reaped it yet
+    return None if fields[0] in ("Z", "X") else fields[19]
 
 
 def _owner(executor: str, job_id: str | None = None) -> dict:
