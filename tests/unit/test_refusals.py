@@ -246,3 +246,23 @@ def test_two_claims_at_once_one_wins(tmp_path):
     outs = [p.communicate(timeout=60)[0].strip() for p in procs]
     assert sorted(outs) == ["lost"] * 7 + ["won"], outs
 
+
+
+# --- 8. the end of the run inside the deadline logic --------------------------------------------------------------
+
+def test_the_export_runs_only_when_it_ends_before_the_limit():
+    """grpo.stop.end_fits: the export's estimate (half again as margin) must end before deadline + lead time."""
+    import time
+
+    from grpo import stop
+
+    try:
+        stop.set_deadline(None)
+        assert stop.end_fits(1e9, 0)  # no limit known (a local run without a deadline): always
+        stop.set_deadline(time.time() + 60)
+        assert stop.end_fits(100, 120)  # 150 s of 180 s left
+        assert not stop.end_fits(130, 120)  # 195 s > 180 s: skipped, grpo.export later
+        stop.set_deadline(time.time() - 100)  # the deadline passed during the last step: 20 s left
+        assert stop.end_fits(10, 120) and not stop.end_fits(20, 120)
+    finally:
+        stop.set_deadline(None)
