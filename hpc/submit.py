@@ -395,6 +395,7 @@ def explain_failure(log_dir: Path) -> list[str]:
         found.append(f"the disk is full: {full[-1][:300]}; free space (or move the run folder) and resume")
     if found:
         return sorted(set(found))
+    killed = []
     for path, text in texts.items():
         m = re.fullmatch(r".*_(\d+)_log\.err", path.name)
         if not m:
@@ -405,12 +406,18 @@ def explain_failure(log_dir: Path) -> list[str]:
         where = f"rank {m.group(1)} on {host.group(1) if host else '?'}"
         if errors:
             found.append(f"{where}: " + re.sub(r"^\[rank\d+\]:\s*", "", errors[-1]).strip())
-        elif not path.with_name(path.name.replace("_log.err", "_result.pkl")).exists():
-            # no error and no result (submitit writes one for a return and for a raise): the process was killed
-            # from outside; its peers' errors ("connection reset") are the consequence, so it goes first
-            found.insert(0, f"{where}: killed by a signal (it left no error and no result: SIGKILL, or the "
-                            "out-of-memory killer)")
-    return found[:8]
+        elif "Starting with JobEnvironment" in out and not path.with_name(
+                path.name.replace("_log.err", "_result.pkl")).exists():
+            # it started, then left no error and no result (submitit writes one for a return and for a raise):
+            # killed from outside
+            killed.append(f"{where}: killed by a signal (it left no error and no result: SIGKILL, or the "
+                          "out-of-memory killer)")
+    # the killed rank is the cause when its peers only lost their connection to it
+    peers_only = all(re.search(PEER_LOST, line) for line in found)
+    return (killed + found if peers_only else found + killed)[:8]
+
+
+PEER_LOST = r"[Cc]onnection (reset|closed|refused)|Broken pipe|peer|timed out|Timeout"
 
 
 if __name__ == "__main__":

@@ -266,3 +266,18 @@ def test_the_export_runs_only_when_it_ends_before_the_limit():
         assert stop.end_fits(10, 120) and not stop.end_fits(20, 120)
     finally:
         stop.set_deadline(None)
+
+
+def test_a_killed_rank_is_named_first_only_when_its_peers_just_lost_it(tmp_path):
+    from hpc.submit import explain_failure
+
+    head = "submitit INFO - Starting with JobEnvironment(job_id=5, hostname=vm, local_rank={r}(2))\n"
+    for r in (0, 1):
+        (tmp_path / f"5_{r}_log.out").write_text(head.format(r=r))
+    (tmp_path / "5_0_result.pkl").write_bytes(b"x")
+    (tmp_path / "5_0_log.err").write_text("RuntimeError: Read error [127.0.0.1]:5791: Connection reset by peer\n")
+    (tmp_path / "5_1_log.err").write_text("")  # no error, no result: SIGKILLed
+    lines = explain_failure(tmp_path)
+    assert lines[0].startswith("rank 1 on vm: killed by a signal") and "Connection reset" in lines[1]
+    (tmp_path / "5_0_log.err").write_text("ValueError: bad shard\n")  # a cause of its own: it stays first
+    assert explain_failure(tmp_path)[0] == "rank 0 on vm: ValueError: bad shard"
