@@ -182,9 +182,9 @@ RANGES: dict[str, str] = {
     "rollout.tensor_parallel": "[0, inf)", "rollout.gpu_memory_utilization": "(0, 1]",
     "rollout.max_num_seqs": "[1, inf)", "rollout.sync_bucket_mb": "[1, inf)",
     "algo.clip_low": "[0, 1)", "algo.clip_high": "[0, inf)", "algo.clip_c": "(1, inf)", "algo.kl_coef": "[0, inf)",
-    "algo.entropy_coef": "(-inf, inf)", "algo.adv_eps": "(0, 1]",
+    "algo.entropy_coef": "(-inf, inf)", "algo.adv_eps": "(0, 1]", "algo.rollout_is_threshold": "(0, inf)",
     "train.steps": "[1, inf)", "train.lr": "(0, inf)", "train.weight_decay": "[0, inf)",
-    "train.warmup_steps": "[0, inf)",
+    "train.warmup_steps": "[0, inf)", "train.off_policy_steps": "[0, 1]",
     "train.grad_clip": "(0, inf)", "train.mini_batches": "[1, inf)", "train.max_tokens_per_gpu": "[0, inf)",
     "train.seed": f"[0, {2**63 - 1}]",  # a signed 64-bit integer (torch's generators unpack a long long)
     "train.checkpoint_every": "[0, inf)", "train.keep_checkpoints": "[0, inf)", "train.max_bad_steps": "[1, inf)",
