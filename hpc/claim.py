@@ -69,13 +69,18 @@ def alive(owner: dict) -> bool | None:
 
 
 def _create(path: Path, owner: dict) -> bool:
+    """Create the claim with its whole content at once: written to a file of our own, then hard-linked to the
+    claim's name, which fails if the name exists (atomic, like O_EXCL). With O_EXCL and a write after it, another
+    launch could read the claim empty in between and take it for a dead one (a test caught that)."""
+    tmp = path.with_name(f"{CLAIM}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(owner))
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.link(tmp, path)
+        return True
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w") as f:
-        json.dump(owner, f)
-    return True
+    finally:
+        tmp.unlink()
 
 
 def claim(run_dir: Path, *, executor: str) -> None:
@@ -86,11 +91,13 @@ def claim(run_dir: Path, *, executor: str) -> None:
         if _create(path, _owner(executor)):
             return
         try:
-            owner = json.loads(path.read_text())
+            raw = path.read_text()
         except FileNotFoundError:
             continue  # given back or taken over meanwhile: try again
+        try:
+            owner = json.loads(raw)
         except ValueError:
-            owner = {}  # a claim cut short (its writer died between create and write)
+            owner = {}  # not a claim this module wrote (its claims appear whole): nobody to ask
         state = alive(owner) if owner else False
         if state is None:
             raise ConfigError(f"run folder {run_dir} is claimed by {describe(owner)}, which cannot be checked "
@@ -104,8 +111,11 @@ def claim(run_dir: Path, *, executor: str) -> None:
             os.rename(path, aside)
         except FileNotFoundError:
             continue
+        if aside.read_text() != raw:  # another launch took it over first and claimed it anew: that claim stands
+            os.rename(aside, path)
+            continue
         aside.unlink()
-        print(f"note: run folder {run_dir} was claimed by {describe(owner) if owner else 'an unfinished launch'}, "
+        print(f"note: run folder {run_dir} was claimed by {describe(owner) if owner else 'an unreadable claim'}, "
               "which no longer runs; taking it over", file=sys.stderr)
     raise ConfigError(f"could not claim run folder {run_dir}: other launches keep taking it")
 
