@@ -177,7 +177,10 @@ class Config:
 # also be finite: nan passes every comparison and inf overflows later, both far from the cause.
 RANGES: dict[str, str] = {
     "model.lora_rank": "[0, 4096]", "model.lora_alpha": "[1, inf)",
-    "data.prompts_per_step": "[1, inf)", "data.max_prompt_len": "[1, inf)",
+    "data.prompts_per_step": "[1, inf)", "data.max_prompt_len": "[1, inf)", "data.val_n": "[1, inf)",
+    "data.val_max_prompts": "[0, inf)", "rollout.top_p": "(0, 1]", "rollout.top_k": "[0, inf)",
+    "train.val_every": "[0, inf)", "reward.workers": "[0, inf)", "reward.timeout_s": "(0, inf)",
+    "track.samples_per_step": "[0, inf)",
     "rollout.n": "[1, inf)", "rollout.max_new_tokens": "[1, inf)", "rollout.temperature": "(0, inf)",
     "rollout.tensor_parallel": "[0, inf)", "rollout.gpu_memory_utilization": "(0, 1]",
     "rollout.max_num_seqs": "[1, inf)", "rollout.sync_bucket_mb": "[1, inf)",

@@ -135,7 +135,7 @@ def test_a_data_source_without_a_reward_function(tmp_path, capsys, model_dir):
     data = tmp_path / "d.jsonl"
     write_rows(data, rows)
     refuse(tmp_path, capsys, overrides=dataset_args(model_dir, data, "data.max_prompt_len=512"),
-           words=["'my/own-task'", "no reward function", "openai/gsm8k"])
+           words=["'my/own-task'", "no built-in scorer", "reward.function="])
 
 
 def test_an_empty_prompt(tmp_path, capsys, model_dir):
