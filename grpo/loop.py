@@ -394,8 +394,8 @@ class Trainer:
             dist.broadcast_object_list(box, src=self.roles.trainers[0], group=self.groups.train_obj)
             fits = box[0]
         if not fits and self.driver:
-            print(f"export skipped: too little time left before the job's limit; run python -m grpo.export on "
-                  f"{checkpoint.latest(self.run_dir)}", flush=True)
+            print(f"export skipped: too little time left before the job's limit; write it later with "
+                  f"`python -m grpo.export {self.run_dir}`", flush=True)
         return fits
 
     def export(self) -> None:

@@ -369,7 +369,7 @@ def report(job, run_dir: Path, steps: int, *, export: bool = False) -> int:
         print(f"mean reward: first 10 steps {first:.3f}, last 10 steps {last:.3f} ({last - first:+.3f})")
     if export and not (run_dir / "hf").is_dir():
         print(f"note: the Hugging Face export was skipped (too little time was left before the job's limit); "
-              f"write it with `python -m grpo.export` from {checkpoint.latest(run_dir)}", file=sys.stderr)
+              f"write it with `python -m grpo.export {run_dir}`", file=sys.stderr)
     print(f"run folder: {run_dir}")
     return 0
 
