@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
 DRIVER = "driver.pt"
+# torch is imported inside the functions that need it: the login node lists checkpoints (hpc.submit) without it
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -26,6 +23,11 @@ def step_dir(run_dir: Path, step: int) -> Path:
 
 def save(run_dir: Path, step: int, model, optimizer, extra: dict, *, group, is_leader: bool, keep: int = 2) -> Path:
     """Collective over the trainer group `group`. `extra` (picklable) is written by the leader."""
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     final = step_dir(run_dir, step)
     tmp = final.with_name(".tmp-" + final.name)
     if is_leader and tmp.exists():
@@ -59,8 +61,41 @@ def latest(run_dir: Path) -> Path | None:
 
 def load(path: Path, model, optimizer, *, group) -> dict:
     """Load model and optimizer shards in place (collective over `group`); returns the driver state."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    # the small driver state first: a truncated driver.pt fails here, before any shard is touched
+    driver = torch.load(Path(path) / DRIVER, weights_only=False)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path), process_group=group)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return torch.load(Path(path) / DRIVER, weights_only=False)
+    return driver
+
+
+def load_latest(run_dir: Path, model, optimizer, *, group, is_leader: bool) -> dict | None:
+    """Load the newest complete checkpoint that reads; an unreadable one (a truncated or corrupt file) is named in a
+    warning, moved aside to `corrupt-step_N` (by the leader) and the previous one is tried. None when there is no
+    checkpoint; RuntimeError naming every checkpoint when none reads. Every rank reads the same files, so every
+    rank takes the same branch."""
+    import torch.distributed as dist
+
+    found = complete(run_dir)
+    failures = []
+    for path in reversed(found):
+        try:
+            return load(path, model, optimizer, group=group)
+        except Exception as e:  # noqa: BLE001 - any reader error: EOFError, pickle, CheckpointException, OSError
+            why = f"{e.__class__.__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else 'no message'}"
+            failures.append(f"{path.name} ({why})")
+            if is_leader:
+                print(f"warning: checkpoint {path} is unreadable ({why}); "
+                      f"{'falling back to the previous one' if path != found[0] else 'no older checkpoint'}",
+                      file=sys.stderr, flush=True)
+            dist.barrier(group=group)
+            if is_leader:
+                path.rename(path.with_name("corrupt-" + path.name))
+    if failures:
+        raise RuntimeError(f"no checkpoint of {run_dir} can be read: {'; '.join(failures)}")
+    return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -147,6 +148,7 @@ class JobConfig:
     cpus_per_task: int = 1
     signal_delay_s: int = 120  # Slurm sends USR2 this long before the time limit: save, then requeue
     collective_timeout_s: int = 600  # a rank that stops answering ends the job after this long
+    write_gbps: float = 1.0  # GB/s one node writes to the run folder's filesystem: sizes the lead time of a save
     # site fields, passed to sbatch as they are (None / False: the flag is left out)
     account: Optional[str] = None  # --account: the allocation charged
     qos: Optional[str] = None  # --qos
@@ -168,6 +170,75 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
     job: JobConfig = field(default_factory=JobConfig)
+
+
+# The allowed range of every numeric field, in interval notation ("[1, inf)": at least 1). One table, checked by
+# `validate` before anything is created; a test keeps it complete (every int or float field has a row). Floats must
+# also be finite: nan passes every comparison and inf overflows later, both far from the cause.
+RANGES: dict[str, str] = {
+    "model.lora_rank": "[0, 4096]", "model.lora_alpha": "[1, inf)",
+    "data.prompts_per_step": "[1, inf)", "data.max_prompt_len": "[1, inf)", "data.val_n": "[1, inf)",
+    "data.val_max_prompts": "[0, inf)", "rollout.top_p": "(0, 1]", "rollout.top_k": "[0, inf)",
+    "train.val_every": "[0, inf)", "reward.workers": "[0, inf)", "reward.timeout_s": "(0, inf)",
+    "track.samples_per_step": "[0, inf)",
+    "rollout.n": "[1, inf)", "rollout.max_new_tokens": "[1, inf)", "rollout.temperature": "(0, inf)",
+    "rollout.tensor_parallel": "[0, inf)", "rollout.gpu_memory_utilization": "(0, 1]",
+    "rollout.max_num_seqs": "[1, inf)", "rollout.sync_bucket_mb": "[1, inf)",
+    "algo.clip_low": "[0, 1)", "algo.clip_high": "[0, inf)", "algo.clip_c": "(1, inf)", "algo.kl_coef": "[0, inf)",
+    "algo.entropy_coef": "(-inf, inf)", "algo.adv_eps": "(0, 1]", "algo.rollout_is_threshold": "(0, inf)",
+    "train.steps": "[1, inf)", "train.lr": "(0, inf)", "train.weight_decay": "[0, inf)",
+    "train.warmup_steps": "[0, inf)", "train.off_policy_steps": "[0, 1]",
+    "train.grad_clip": "(0, inf)", "train.mini_batches": "[1, inf)", "train.max_tokens_per_gpu": "[0, inf)",
+    "train.seed": f"[0, {2**63 - 1}]",  # a signed 64-bit integer (torch's generators unpack a long long)
+    "train.checkpoint_every": "[0, inf)", "train.keep_checkpoints": "[0, inf)", "train.max_bad_steps": "[1, inf)",
+    "job.nodes": "[1, inf)", "job.gpus_per_node": "[0, inf)", "job.trainer_ranks": "[0, inf)",
+    "job.rollout_ranks": "[1, inf)", "job.trainer_fraction": "(0, 1)", "job.host_mem_gb": "[0, inf)",
+    "job.time_limit_min": "[1, inf)", "job.cpus_per_task": "[1, inf)", "job.signal_delay_s": "[0, inf)",
+    "job.collective_timeout_s": "[1, inf)", "job.write_gbps": "(0, inf)",
+}
+
+
+def _in_range(value: float, spec: str) -> bool:
+    # integer bounds stay integers: float(2**63 - 1) rounds up to 2**63 and would let 2**63 through
+    lo, hi = (int(x) if x.strip().lstrip("-").isdigit() else float(x) for x in spec[1:-1].split(","))
+    above = value > lo if spec[0] == "(" else value >= lo
+    below = value < hi if spec[-1] == ")" else value <= hi
+    return above and below
+
+
+def _control_char(text: str) -> str | None:
+    return next((c for c in text if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0), None)
+
+
+def check_text(what: str, text: str) -> None:
+    """Refuse control characters in a value that reaches a script, a path or a job name: a newline in an sbatch
+    script ends a `#SBATCH` line and starts a command, and shlex.quote does not protect against that."""
+    bad = _control_char(text)
+    if bad is not None:
+        raise ConfigError(f"{what}={text!r} holds a control character ({bad!r}); remove it")
+
+
+def validate(cfg: Config) -> None:
+    """Every field in its range (RANGES), every float finite, no control character in any text, and the time limit
+    longer than the signal delay. ConfigError naming the field and the range."""
+    for key, hint in flat_keys(cfg).items():
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        if isinstance(node, bool) or node is None:
+            continue
+        if isinstance(node, str):
+            check_text(key, node)
+        elif isinstance(node, (int, float)):
+            spec = RANGES[key]
+            if not math.isfinite(node) or not _in_range(node, spec):
+                kind = "an integer" if isinstance(node, int) else "a finite number"
+                raise ConfigError(f"{key}={node} is out of range: it must be {kind} in {spec}")
+    job = cfg.job
+    if job.signal_delay_s >= job.time_limit_min * 60:
+        raise ConfigError(f"job.signal_delay_s={job.signal_delay_s} is not shorter than job.time_limit_min="
+                          f"{job.time_limit_min} ({job.time_limit_min * 60} s): the run would stop before its first "
+                          "step; raise the time limit or lower the signal delay")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -231,9 +231,11 @@ class Trainer:
                                  pad_id=special_ids(self.tok)[0], device=device, advantage_fn=self.advantage_fn(),
                                  train_obj_group=groups.train_obj)
         self.start = 1
-        last = checkpoint.latest(run_dir)
-        if last is not None:
-            self.restore(checkpoint.load(last, policy, opt, group=groups.train))
+        state = checkpoint.load_latest(run_dir, policy, opt, group=groups.train, is_leader=self.driver)
+        if state is not None:
+            self.restore(state)
+        elif self.driver:  # no checkpoint: rows of an earlier start would be written again
+            runlog.truncate_metrics(run_dir, 0)
         # driver: TensorBoard / W&B / samples (grpo.tracking), and the validation prompts when train.val_every is on
         self.tracker = self.val_items = None
         if self.driver:
@@ -329,7 +331,7 @@ class Trainer:
             if step == steps or (every and step % every == 0):
                 self.save(step)
         self.finish("done")
-        if self.cfg.train.export_hf:
+        if self.cfg.train.export_hf and self.export_fits():
             self.export()
         if self.driver:
             runlog.plot_rewards(self.run_dir)
@@ -385,6 +387,20 @@ class Trainer:
                    "update_start_s": wall1, "update_end_s": wall2,  # wall clock: overlap checks across ranks
                    **used, **gpu_memory(self.device, prefix="trainer_")}
         return row, pending
+
+    def export_fits(self) -> bool:
+        """The driver's verdict (grpo.stop.end_fits, from its clock), the same on every trainer rank."""
+        job, dtype = self.cfg.job, getattr(torch, self.cfg.model.dtype)
+        nbytes = sum(p.numel() for p in self.models.policy.parameters()) * dtype.itemsize  # DTensor: global sizes
+        fits = stop.end_fits(nbytes / (job.write_gbps * 1e9), job.signal_delay_s) if self.driver else None
+        if self.ranks.dp > 1:
+            box = [fits]
+            dist.broadcast_object_list(box, src=self.roles.trainers[0], group=self.groups.train_obj)
+            fits = box[0]
+        if not fits and self.driver:
+            print(f"export skipped: too little time left before the job's limit; write it later with "
+                  f"`python -m grpo.export {self.run_dir}`", flush=True)
+        return fits
 
     def export(self) -> None:
         """The trained policy as a Hugging Face folder (LoRA merged), with the tokenizer: what users load next."""

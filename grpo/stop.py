@@ -34,3 +34,13 @@ def requested() -> str | None:
     if "requeue" in _requests or (_deadline and time.time() > _deadline[0]):
         return "requeue"
     return "stop" if _requests else None
+
+
+def end_fits(seconds: float, lead_s: float) -> bool:
+    """Whether work of about `seconds` after the last step (the Hugging Face export) ends before the allocation
+    does: the deadline is `lead_s` before the limit. False after a stop request (the job is being ended)."""
+    if _requests:
+        return False
+    if not _deadline:
+        return True
+    return time.time() + 1.5 * seconds < _deadline[0] + lead_s

@@ -32,8 +32,36 @@ def check_model(cfg: Config) -> None:
         family_of(data, where=f"model.path={cfg.model.path!r}")
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if not any(path.glob("*.safetensors")):
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
         raise ConfigError(f"model.path={cfg.model.path!r} has no *.safetensors weights")
+    for f in weights:
+        check_safetensors(f)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"model.path={cfg.model.path!r} has no tokenizer files (one of "
+                          f"{', '.join(TOKENIZER_FILES)}); copy them from the model's original folder (prompts would "
+                          "become 0 tokens)")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def check_safetensors(path: Path) -> None:
+    """The file is at least as long as its own header says: a 0-byte or cut-off download fails here, not after the
+    queue wait. (A safetensors file starts with the 8-byte length of a JSON header that lists every tensor's byte
+    range.)"""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model weights {path}: cannot read ({e.__class__.__name__}: {e})") from None
+    ends = [v["data_offsets"][1] for k, v in (header or {}).items() if k != "__metadata__"] if header else []
+    if header is None or 8 + n + max(ends, default=0) > size:
+        raise ConfigError(f"model weights {path} ({size} bytes) is not a complete safetensors file (empty or cut "
+                          "off); download it again")
 
 
 def check_dataset(cfg: Config, tokenizer=None) -> str | None:
@@ -53,9 +81,65 @@ def check_dataset(cfg: Config, tokenizer=None) -> str | None:
                     raise ValueError(f"dataset {file} has no column {missing[0]!r} (columns: "
                                      f"{', '.join(columns)}); expected verl's layout: run python -m grpo.preprocess")
             return None
-        return load_prompts(path, tokenizer=tokenizer, max_prompt_len=cfg.data.max_prompt_len).report
+        prompts = load_prompts(path, tokenizer=tokenizer, max_prompt_len=cfg.data.max_prompt_len)
+        check_prompts(cfg, path, prompts)
+        return prompts.report
     except (OSError, ValueError) as e:
         raise ConfigError(f"data.train_path: {e}") from None
+
+
+def check_prompts(cfg: Config, path: Path, prompts) -> None:
+    """What the job would die on after the queue wait: fewer usable prompts than one step draws, an empty prompt.
+    (A data_source without a scorer: check_reward.)"""
+    from grpo.data import read_dataset
+
+    _, rows = read_dataset(path)
+    empty = [i for i, row in enumerate(rows) if not _prompt_text(row.get("prompt")).strip()]
+    if empty:
+        raise ValueError(f"dataset {path} has {len(empty)} empty prompt(s) (first: row {empty[0]}); remove them")
+    if len(prompts) < cfg.data.prompts_per_step:
+        raise ValueError(f"dataset {path} has {len(prompts)} usable prompts ({prompts.num_dropped} longer than "
+                         f"data.max_prompt_len dropped), fewer than data.prompts_per_step={cfg.data.prompts_per_step}; "
+                         "lower data.prompts_per_step or use a larger dataset")
+
+
+def _prompt_text(value) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)):
+        return "".join(str(m.get("content") or "") if isinstance(m, dict) else str(m) for m in value)
+    return "" if value is None else str(value)
+
+
+def check_lead_time(cfg: Config, plan) -> str:
+    """The signal lead time (job.signal_delay_s) must cover writing a checkpoint of this model: its fp32 parameters
+    and AdamW states (LoRA: the frozen base plus the adapters and their states) at job.write_gbps per trainer
+    node. Returns the note printed with the plan; ConfigError when the lead time is too short."""
+    from hpc.models import resolve_shape
+
+    try:
+        shape = resolve_shape(cfg.model.path, cfg.model.arch)
+    except (OSError, ValueError, KeyError):
+        return ""  # check_model or the planner says what is wrong with the model
+    if cfg.model.lora_rank:
+        nbytes = 2 * shape.params + 12 * shape.lora_params(cfg.model.lora_rank)
+    else:
+        nbytes = 12 * shape.params
+    per_node = plan.gpus_per_node if plan.device == "cuda" else plan.tasks_per_node
+    nodes = max(1, -(-len(plan.trainers) // max(1, per_node)))
+    seconds = nbytes / (cfg.job.write_gbps * 1e9 * nodes)
+    need = int(LEAD_FACTOR * seconds + LEAD_MARGIN_S) + 1
+    note = (f"a checkpoint is {nbytes / 1e9:.1f} GB, about {seconds:.0f} s at {cfg.job.write_gbps:g} GB/s per node x "
+            f"{nodes} node(s); signal lead time {cfg.job.signal_delay_s} s (at least {need} s)")
+    if cfg.job.signal_delay_s < need:
+        raise ConfigError(f"job.signal_delay_s={cfg.job.signal_delay_s} is too short to save a "
+                          f"{nbytes / 1e9:.0f} GB checkpoint at job.write_gbps={cfg.job.write_gbps:g} per node "
+                          f"({seconds:.0f} s): set job.signal_delay_s={need} or more (or job.write_gbps to what "
+                          "your filesystem gives)")
+    return note
+
+
+LEAD_FACTOR, LEAD_MARGIN_S = 1.5, 10  # the write estimate is a guess: half again, plus the last step's tail
 
 
 def check_engine(cfg: Config) -> None:

@@ -277,8 +277,13 @@ def expand_nodelist(text: str) -> list[str]:
     names: list[str] = []
     for item in _split_top(text, ",", "[]"):
         if item:
-            names.extend(_expand_one(item, text))
+            names.extend(_expand_one(item, text, MAX_HOSTS - len(names)))
     return names
+
+
+# More host names than any cluster has: a hostlist beyond it (a typo such as h800-[1-99999999] in a saved sinfo
+# file) is refused before it is expanded, instead of filling the memory.
+MAX_HOSTS = 100_000
 
 
 def _split_top(text: str, sep: str, brackets: str) -> list[str]:
@@ -296,15 +301,27 @@ def _split_top(text: str, sep: str, brackets: str) -> list[str]:
     return [p.strip() for p in parts]
 
 
-def _expand_one(item: str, whole: str) -> list[str]:
+def _expand_one(item: str, whole: str, room: int) -> list[str]:
     pieces = re.split(r"(\[[^\[\]]*\])", item)
     if any(c in p for p in pieces[::2] for c in "[]"):
         raise ValueError(f"bad Slurm hostlist {whole!r}: unbalanced brackets in {item!r}")
+    count = 1
+    for piece in pieces[1::2]:  # count the product before building it
+        count *= sum(_range_size(r, whole) for r in piece[1:-1].split(","))
+    if count > room:
+        raise ValueError(f"Slurm hostlist {whole!r} names more than {MAX_HOSTS} hosts; is it mistyped?")
     out = [""]
     for i, piece in enumerate(pieces):
         options = _expand_range_list(piece[1:-1], whole) if i % 2 else [piece]
         out = [prefix + o for prefix in out for o in options]
     return out
+
+
+def _range_size(r: str, whole: str) -> int:
+    m = re.fullmatch(r"\s*(\d+)(?:-(\d+))?\s*", r)
+    if not m:
+        raise ValueError(f"bad Slurm hostlist {whole!r}: {r!r} is not a number or a range like 01-10")
+    return max(1, int(m.group(2) or m.group(1)) - int(m.group(1)) + 1)
 
 
 def _expand_range_list(body: str, whole: str) -> list[str]:

@@ -14,7 +14,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 
 from grpo import hardware
-from grpo.config import Config, ConfigError, copy_config, derive
+from grpo.config import Config, ConfigError, copy_config, derive, validate
 from grpo.tasks import TASKS
 from hpc import layouts, memory, steptime
 from hpc.models import LINEAR_NAMES, ModelShape, resolve_shape
@@ -63,22 +63,13 @@ def slurm_available() -> bool:
 
 
 def check_config(cfg: Config) -> None:
-    """Reject combinations no run can satisfy, with a message that says what would work."""
-    positive = {"train.steps": cfg.train.steps, "data.prompts_per_step": cfg.data.prompts_per_step,
-                "rollout.n": cfg.rollout.n, "rollout.max_new_tokens": cfg.rollout.max_new_tokens,
-                "train.mini_batches": cfg.train.mini_batches, "job.rollout_ranks": cfg.job.rollout_ranks,
-                "rollout.sync_bucket_mb": cfg.rollout.sync_bucket_mb, "job.nodes": cfg.job.nodes}
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}={value} must be at least 1")
+    """Reject combinations no run can satisfy, with a message that says what would work. The ranges of single
+    fields and the text checks live in grpo.config.validate."""
+    validate(cfg)
     if cfg.job.trainer_ranks < (0 if cfg.job.gpu_type else 1):
         raise ConfigError(f"job.trainer_ranks={cfg.job.trainer_ranks} must be at least 1")
     if not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.name):
         raise ConfigError(f"name={cfg.name!r} may hold only letters, digits, '.', '_' and '-' (it names files)")
-    if cfg.train.lr <= 0:
-        raise ConfigError(f"train.lr={cfg.train.lr} must be positive")
-    if cfg.rollout.temperature <= 0:
-        raise ConfigError(f"rollout.temperature={cfg.rollout.temperature} must be positive")
     if cfg.data.task not in TASKS and cfg.data.task != "dataset":
         raise ConfigError(f"data.task={cfg.data.task!r} is not a task; valid tasks: "
                           f"{', '.join(sorted(TASKS))}, dataset")

@@ -52,7 +52,8 @@ def h800x32() -> Config:
         algo=AlgoConfig(kl_coef=0.001, kl_kind="low_var_kl", entropy_coef=0.0, agg="token-mean"),
         train=TrainConfig(steps=100, lr=1e-6, weight_decay=0.01, mini_batches=4, max_tokens_per_gpu=24000, checkpoint_every=20),
         job=JobConfig(executor="slurm", gpu_type="h800", nodes=4, gpus_per_node=8, trainer_ranks=0,
-                      time_limit_min=24 * 60, cpus_per_task=8, host_mem_gb=1024),
+                      time_limit_min=24 * 60, cpus_per_task=8, host_mem_gb=1024,
+                      signal_delay_s=900),  # a 0.9 TB checkpoint at 1 GB/s per node (hpc.checks.check_lead_time)
     )
 
 
@@ -76,7 +77,8 @@ def h100x8_lora() -> Config:
         algo=AlgoConfig(kl_coef=0.001, kl_kind="low_var_kl", entropy_coef=0.001, agg="token-mean"),
         train=TrainConfig(steps=100, lr=3e-5, weight_decay=0.01, mini_batches=1, max_tokens_per_gpu=32768, checkpoint_every=20),
         job=JobConfig(executor="slurm", gpu_type="h100", nodes=1, gpus_per_node=8, trainer_ranks=0,
-                      time_limit_min=24 * 60, cpus_per_task=8, host_mem_gb=1024),
+                      time_limit_min=24 * 60, cpus_per_task=8, host_mem_gb=1024,
+                      signal_delay_s=300),  # the frozen 145 GB base is in the checkpoint too
     )
 
 

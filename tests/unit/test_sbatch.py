@@ -112,9 +112,13 @@ def test_lora_with_vllm_preset_passes_every_check(tmp_path, capsys, monkeypatch)
     (model / "config.json").write_text(json.dumps({
         "model_type": "qwen2", "hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64,
         "num_key_value_heads": 8, "intermediate_size": 29568, "vocab_size": 152064, "tie_word_embeddings": False}))
-    (model / "model.safetensors").write_bytes(b"")  # the checks look for weights, they do not read them
+    header = b'{"__metadata__":{}}'  # a complete safetensors file without tensors: the checks read headers only
+    (model / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
     save_tokenizer(build_tokenizer(), model)
-    data = Path(__file__).parents[2] / "grpo" / "sample_data" / "train.parquet"
+    from grpo.data import read_rows, write_rows
+
+    data = tmp_path / "train.parquet"  # the sample, repeated to the preset's 176 prompts per step
+    write_rows(data, read_rows(Path(__file__).parents[2] / "grpo" / "sample_data" / "train.parquet") * 4)
     saved = tmp_path / "cluster.txt"
     saved.write_text("NODELIST|PARTITION|STATE|STATECOMPLETE|GRES|GRES_USED|CPUS|MEMORY|AVAIL|TIMELIMIT|REASON\n"
                      "h1|h100|idle|idle|gpu:h100:8|gpu:h100:0(IDX:N/A)|128|2048000|up|2-00:00:00|none\n")
