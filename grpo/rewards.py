@@ -152,7 +152,9 @@ def _deadline(seconds: Optional[float]):
         raise _Deadline()
 
     signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    # then again every 50 ms: sympy has bare `except:` blocks that can swallow one raise, and a single alarm lost
+    # there left a scorer running for good (seen: a 10^9-term sum past its 0.5 s limit for minutes)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 0.05)
     try:
         yield
     finally:
