@@ -75,9 +75,6 @@ def check_config(cfg: Config) -> None:
                           f"{', '.join(sorted(TASKS))}, dataset")
     if cfg.data.task == "dataset" and not cfg.data.train_path:
         raise ConfigError("data.task=dataset needs data.train_path (a parquet or jsonl file in verl's layout)")
-    if cfg.train.off_policy_steps not in (0, 1):
-        raise ConfigError(f"train.off_policy_steps={cfg.train.off_policy_steps}: use 0 (on-policy) or 1 (the engines "
-                          "generate the next batch during the update)")
     if cfg.train.off_policy_steps and cfg.job.layout == "colocated":
         raise ConfigError("train.off_policy_steps=1 needs a split layout (job.layout=split or auto): colocated, the "
                           "trainer and the engine take turns on each GPU, so nothing would overlap; or set "
