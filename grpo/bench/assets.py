@@ -11,6 +11,9 @@ from pathlib import Path
 
 import torch
 
+# eos_boost: the value put in dimension 0 of every embedding, and what the final norm leaves of it (measured)
+_DIM0, _DIM0_SCALE = 8.0, {"qwen2.5-1.5b": 1.94, "tiny": 7.99, "small": 15.4}
+
 SHAPES = {
     # Qwen2.5-1.5B: hidden 1536, 28 layers, 12 heads / 2 KV heads of 128, MLP 8960, vocab 151936, tied head
     "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
@@ -26,8 +29,15 @@ SHAPES = {
 
 
 def write_random_checkpoint(folder: Path, shapes: str, *, device: torch.device, seed: int = 0,
-                            shard_bytes: int = 2 * 10**9) -> float:
-    """A Hugging Face folder with random bf16 weights (std 0.02, norms 1), written tensor by tensor."""
+                            shard_bytes: int = 2 * 10**9, eos_boost: float = 0.0) -> float:
+    """A Hugging Face folder with random bf16 weights (std 0.02, norms 1), written tensor by tensor.
+
+    eos_boost > 0 makes responses end at random lengths, as real ones do (EOS is token 1 of write_word_tokenizer):
+    every token's embedding gets 1.0 in dimension 0, a direction the random layers barely touch, so after the final
+    norm every position carries about the same large value there; EOS's output row gets `eos_boost` more in that
+    dimension (scaled by that value), which raises EOS's logit by about `eos_boost` at every position and leaves the
+    other tokens' logits shifted alike (no change to their softmax). A constant chance to stop per token: geometric
+    lengths, capped by max_new_tokens."""
     from safetensors.torch import save_file
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -49,6 +59,9 @@ def write_random_checkpoint(folder: Path, shapes: str, *, device: torch.device, 
             t = torch.ones(shape, device=device)
         else:
             t = torch.randn(shape, generator=gen, device=device) * 0.02
+        if eos_boost and name in ("model.embed_tokens.weight", "lm_head.weight"):
+            t[:, 0] = _DIM0
+            t[1, 0] += eos_boost / _DIM0_SCALE[shapes]
         t = t.to(torch.bfloat16).cpu()
         if current and used + t.numel() * 2 > shard_bytes:
             flush()
@@ -80,10 +93,11 @@ def write_word_tokenizer(folder: Path, vocab_size: int) -> None:
     PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>").save_pretrained(str(folder))
 
 
-def write_model_folder(folder: Path, shapes: str, *, device: torch.device, seed: int = 0) -> float:
+def write_model_folder(folder: Path, shapes: str, *, device: torch.device, seed: int = 0,
+                       eos_boost: float = 0.0) -> float:
     """A Hugging Face folder (config, random bf16 weights, word-level tokenizer) that grpo, vLLM and transformers
     load. Returns the seconds it took."""
-    t = write_random_checkpoint(folder, shapes, device=device, seed=seed)
+    t = write_random_checkpoint(folder, shapes, device=device, seed=seed, eos_boost=eos_boost)
     write_word_tokenizer(folder, SHAPES[shapes]["vocab_size"])
     return t
 

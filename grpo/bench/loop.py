@@ -4,7 +4,10 @@
 
 Writes a random checkpoint of the chosen shapes with a word-level tokenizer and a prompt file of exact lengths
 (grpo.bench.assets), then runs the preset through hpc.submit with TRL's baseline shapes: `--prompts` prompts x `--n`
-samples, `--prompt-len`-token prompts, `--new` new tokens forced (rollout.ignore_eos). Everything else is the
+samples, `--prompt-len`-token prompts, `--new` new tokens forced (rollout.ignore_eos). `--eos-boost B` lets
+responses end instead: the checkpoint's EOS logit is raised by about B at every position (grpo.bench.assets), so
+lengths are geometric and capped by `--new` (B = 6.2 on the 1.5B shapes: a chance of about 1/260 per token, mean
+about 220 of 512, the spread of a real GRPO batch); generated tokens are then counted, not assumed. Everything else is the
 preset's (h100x1: trainer and native engine processes sharing one GPU, FSDP2 policy with float32 master weights,
 activation checkpointing, frozen reference, KL 0.04, the Triton kernels). Reports the median over the steps after the
 first (warm-up: CUDA graphs, Triton compiles) of the step time and its split, generated tokens/s, and each process's
@@ -32,10 +35,10 @@ SPLIT = ("generate_s", "rollout_s", "update_s", "sync_s")
 
 
 def prepare(work: Path, args) -> tuple[Path, Path]:
-    model = work / f"model-{args.shapes}"
+    model = work / (f"model-{args.shapes}" + (f"-eos{args.eos_boost:g}" if args.eos_boost else ""))
     if not (model / "tokenizer.json").is_file():
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        took = write_model_folder(model, args.shapes, device=device)
+        took = write_model_folder(model, args.shapes, device=device, eos_boost=args.eos_boost)
         print(f"wrote a random {args.shapes} checkpoint to {model} ({took:.1f} s)")
     prompts = work / f"prompts-{args.prompt_len}.jsonl"
     write_prompts(prompts, num=max(64, 4 * args.prompts), length=args.prompt_len,
@@ -46,7 +49,7 @@ def prepare(work: Path, args) -> tuple[Path, Path]:
 def run_loop(model: Path, prompts: Path, work: Path, args) -> tuple[Path, float]:
     sets = {"model.path": model, "model.arch": "", "data.task": "dataset", "data.train_path": prompts,
             "data.prompts_per_step": args.prompts, "data.max_prompt_len": args.prompt_len, "rollout.n": args.n,
-            "rollout.max_new_tokens": args.new, "rollout.ignore_eos": "true", "train.steps": args.steps,
+            "rollout.max_new_tokens": args.new, "rollout.ignore_eos": str(not args.eos_boost).lower(), "train.steps": args.steps,
             "train.export_hf": "false", "job.executor": "local", "out_dir": work / "runs"}
     cmd = [sys.executable, "-m", "hpc.submit", "--preset", args.preset]
     for key, value in sets.items():
@@ -66,13 +69,15 @@ def summarise(run_dir: Path, args, wall: float) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     timed = rows[1:] or rows
     median = lambda key: statistics.median(r[key] for r in timed) if key in timed[0] else None  # noqa: E731
-    tokens = args.prompts * args.n * args.new
+    tokens = args.prompts * args.n * (median("response_len") if args.eos_boost else args.new)
     step = median("step_s")
     out = {"preset": args.preset, "shapes": args.shapes, "prompts": args.prompts, "n": args.n,
            "prompt_len": args.prompt_len, "new_tokens": args.new, "steps": len(rows), "timed_steps": len(timed),
            "wall_s": wall, "step_s": step, "step_s_all": [r["step_s"] for r in rows],
            **{key: median(key) for key in SPLIT}, "gen_tok_s_step": tokens / step,
-           "response_len": median("response_len"),
+           "response_len": median("response_len"), "response_len_all": [r["response_len"] for r in rows],
+           "response_len_min": min(r.get("response_len_min", 0) for r in rows),
+           "response_len_max": max(r.get("response_len_max", 0) for r in rows),
            "trainer_gpu_peak_gib": max((r.get("trainer_gpu_peak_gib", 0) for r in rows), default=0),
            "engine_gpu_peak_gib": max((r.get("engine_peak_gib", 0) for r in rows), default=0),
            "trainer_gpu_peak_alloc_gib": max((r.get("trainer_gpu_peak_alloc_gib", 0) for r in rows), default=0)}
@@ -85,7 +90,8 @@ def summarise(run_dir: Path, args, wall: float) -> dict:
 
 def report(ours: dict, trl: dict | None) -> None:
     print(f"\n{ours['preset']} ({ours.get('card', 'cpu')}), {ours['shapes']}, {ours['prompts']} x {ours['n']} "
-          f"samples, {ours['prompt_len']} + {ours['new_tokens']} tokens, median of {ours['timed_steps']} steps")
+          f"samples, {ours['prompt_len']} + {ours['new_tokens']} tokens (mean response {ours['response_len']:.0f}), "
+          f"median of {ours['timed_steps']} steps")
     rows = [("step s", ours["step_s"], trl and trl.get("step_seconds_median")),
             ("generated tok/s, whole step", ours["gen_tok_s_step"], trl and trl.get("tokens_per_s_step")),
             ("generation s", ours["generate_s"], trl and trl.get("generate_s")),
@@ -123,6 +129,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new", type=int, default=512)
+    ap.add_argument("--eos-boost", type=float, default=0.0, help="let responses end at random lengths (see above)")
     ap.add_argument("--set", action="append", default=[], help="more KEY=VALUE overrides for the preset")
     ap.add_argument("--work", default="/tmp/grpo-bench-loop")
     ap.add_argument("--trl", default=None, help="TRL baseline JSON to compare with (same card)")

@@ -21,7 +21,8 @@ pytestmark = [pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reaso
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def test_colocated_vllm_time_shares_one_gpu(tmp_path):
+@pytest.mark.parametrize("share", [None, 0.6], ids=["planner-share", "share-0.6"])
+def test_colocated_vllm_time_shares_one_gpu(tmp_path, share):
     model, prompts = tmp_path / "model", tmp_path / "prompts.jsonl"
     write_model_folder(model, "qwen2.5-1.5b", device=torch.device("cuda"))
     write_prompts(prompts, num=64, length=128, vocab_size=SHAPES["qwen2.5-1.5b"]["vocab_size"])
@@ -29,9 +30,10 @@ def test_colocated_vllm_time_shares_one_gpu(tmp_path):
     sets = {"model.path": model, "model.arch": "", "data.train_path": prompts, "data.prompts_per_step": 8,
             "data.max_prompt_len": 128, "rollout.engine": "vllm", "rollout.n": 8, "rollout.max_new_tokens": 512,
             "rollout.ignore_eos": "true", "rollout.free_cache_engine": "true", "job.layout": "colocated",
-            "rollout.gpu_memory_utilization": 0.6,
             "job.gpu_type": "h200", "model.activation_checkpointing": "false", "train.steps": 3,
             "train.export_hf": "false", "job.executor": "local", "out_dir": tmp_path / "runs"}
+    if share is not None:  # None: the planner sizes the engine's share (0.72 of an H200 for these shapes)
+        sets["rollout.gpu_memory_utilization"] = share
     args = [sys.executable, "-m", "hpc.submit", "--preset", "h100x1"]
     for key, value in sets.items():
         args += ["--set", f"{key}={value}"]
@@ -46,7 +48,7 @@ def test_colocated_vllm_time_shares_one_gpu(tmp_path):
     trainer_peak = max(r["trainer_gpu_peak_gib"] for r in rows)
     gen_used = max(r["gen_device_used_gib"] for r in rows)
     update_used = max(r["update_device_used_gib"] for r in rows)
-    summary = dict(card_gib=card, engine_share_gib=engine_share, trainer_peak_reserved_gib=trainer_peak,
+    summary = dict(share=plan["settings"]["rollout.gpu_memory_utilization"], card_gib=card, engine_share_gib=engine_share, trainer_peak_reserved_gib=trainer_peak,
                    gen_device_used_gib=gen_used, update_device_used_gib=update_used,
                    step_s=[r["step_s"] for r in rows], generate_s=[r["generate_s"] for r in rows],
                    update_s=[r["update_s"] for r in rows], sync_s=[r["sync_s"] for r in rows],
