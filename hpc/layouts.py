@@ -7,7 +7,9 @@ Candidates:
 - `colocated`: every GPU holds a trainer rank and an engine's GPU, taking turns. Memory is the larger phase: during
   the update the engine sleeps (only its CUDA context stays) unless both fit awake; during generation the trainer
   keeps only its resident state (parameter shards, the reference, AdamW unless offloaded; gradients and activations
-  are freed) and the engine gets what is left.
+  are freed) and the engine gets what is left. With the engine asleep the planner may also swap the AdamW state to
+  pinned host memory for generation (grpo.offload.OptimizerSwap): a larger KV cache, or a fit at all, for two PCIe
+  copies a step.
 
 Memory settings. `model.activation_checkpointing`, `model.optimizer_offload` and `model.param_offload` are None
 (the planner decides), True (always) or False (never). For each candidate the planner tries every allowed
@@ -46,6 +48,7 @@ class Candidate:
     engine: memory.Estimate  # one engine GPU while generating
     utilization: float  # the engine's share of its GPU (rollout.gpu_memory_utilization for this plan)
     engine_awake: bool = False  # colocated: both fit at once, the engine never sleeps
+    swap_optimizer: bool = False  # colocated, asleep: the AdamW state goes to the host while the engine generates
     settings: dict = field(default_factory=dict)
 
     @property
@@ -172,8 +175,9 @@ class Search:
             yield tokens
             tokens //= 2
 
-    def host_ok(self, est: memory.Estimate, gpus: int) -> bool:
-        return not self.host_gb or est.host_total * min(gpus, self.per_node) <= self.host_gb * 0.9
+    def host_ok(self, est: memory.Estimate, gpus: int, extra: float = 0.0) -> bool:
+        """Whether a node's host memory holds its GPUs' host parts (plus `extra` GB per GPU)."""
+        return not self.host_gb or (est.host_total + extra) * min(gpus, self.per_node) <= self.host_gb * 0.9
 
     # ------------------------------------------------------------------------------------------------------ split
 
@@ -247,24 +251,33 @@ class Search:
                 else steptime.sync_split_s(nbytes, self.card, crosses_nodes=self.nodes > 1))
         engines, best = self.total // tp, None
         free = self.cfg.rollout.free_cache_engine
-        for awake in [a for a in (True, False) if free is None or a != free]:
+        adam = est.gpu.get("AdamW states (fp32)", 0.0) + est.gpu.get("AdamW states (adapters)", 0.0)
+        variants = [(True, False)] if free is not True else []
+        if free is not False:
+            variants += [(False, False)] + ([(False, True)] if adam and self.host_ok(est, self.total, extra=adam)
+                                            else [])
+        for awake, swap_opt in variants:
             # asleep, the trainer's resident state is not all that stays: the sync buckets, the rollout process's own
             # CUDA context and the allocators' slack too (on an H200, an engine given all the rest failed to wake)
-            others = est.gpu_total if awake else (resident + 2 * BUCKET_GB + memory.CUDA_CONTEXT_GB
+            kept = resident - (adam if swap_opt else 0.0)
+            others = est.gpu_total if awake else (kept + 2 * BUCKET_GB + memory.CUDA_CONTEXT_GB
                                                  + SLEEP_SLACK * self.card_gb)
             share = min(util, (room - others) / self.card_gb)
             engine, seqs = engine_estimate(self.cfg, self.shape, tp, self.card_gb, share)
             weights_only = engine.gpu_total - engine.gpu.get("KV cache", 0)
             if seqs < self.need_seqs or (awake and est.gpu_total + engine.gpu_total > room) or (
-                    resident + weights_only + 2 * BUCKET_GB > room):
+                    kept + weights_only + 2 * BUCKET_GB > room):
                 continue
             swap = 0.0 if awake else hw.ENGINE_WAKE_S[self.cfg.rollout.engine]
+            if swap_opt:
+                swap += steptime.optimizer_swap_s(adam, self.card)
             pred = Prediction(layout="colocated", trainers=self.total, rollout_gpus=self.total, tp=tp,
                               engines=engines, kv_seqs=seqs, generation=self.generation(tp, engines, seqs),
                               reward=self.reward, update=update, optimizer=opt, sync=sync, swap=swap)
             cand = Candidate(pred, tokens, est, engine, round(share, 3), engine_awake=awake,
-                             settings=settings(option))
-            if best is None or cand.total < best.total:
+                             swap_optimizer=swap_opt, settings=settings(option))
+            # the swap only when it is worth its copies by the margin savings need (SAVINGS_MARGIN)
+            if best is None or cand.total < best.total * (1 - SAVINGS_MARGIN if swap_opt else 1):
                 best = cand
         return best
 

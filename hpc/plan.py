@@ -169,7 +169,8 @@ def plan_gpus(cfg: Config, executor: str, host_gb: float) -> Plan:
         rollouts = [n * tasks + per_node + i for n in range(job.nodes) for i in range(per_node)]
         table = memory.format_estimates(phase_estimates(c), card, job.gpu_type)
         share = ("engine and trainer fit together: the engine stays awake" if c.engine_awake else
-                 "the engine sleeps during the update; the trainer keeps only its resident state while it generates")
+                 "the engine sleeps during the update; the trainer keeps only its resident state while it generates"
+                 + (", its AdamW state swapped to the host" if c.swap_optimizer else ""))
         notes.append(f"colocated: {share}; engine memory share {c.utilization:.2f} of each GPU")
     else:
         check_split(cfg, p.trainers)
@@ -182,7 +183,7 @@ def plan_gpus(cfg: Config, executor: str, host_gb: float) -> Plan:
     return Plan(executor=executor, device="cuda", nodes=job.nodes, tasks_per_node=tasks, trainers=trainers,
                 rollouts=rollouts, gpu_type=job.gpu_type, gpus_per_node=per_node, tp=p.tp,
                 tokens_per_micro_batch=c.tokens, memory_table=table, notes=notes, layout=p.layout,
-                time_share=p.layout == "colocated" and not c.engine_awake,
+                time_share=p.layout == "colocated" and not c.engine_awake, swap_optimizer=c.swap_optimizer,
                 settings={**c.settings, "rollout.gpu_memory_utilization": c.utilization},
                 prediction={"label": p.label, **p.phases()},
                 alternatives=[{"label": a.prediction.label, **a.prediction.phases()} for a in alternatives])
@@ -194,8 +195,10 @@ def phase_estimates(c: layouts.Candidate) -> list[memory.Estimate]:
     update, gen = memory.Estimate("update"), memory.Estimate("generate")
     update.gpu.update(c.trainer.gpu)
     update.host.update(c.trainer.host)
-    gen.gpu.update({k: v for k, v in c.trainer.gpu.items() if k in layouts.RESIDENT})
+    swapped = ("AdamW states (fp32)", "AdamW states (adapters)") if c.swap_optimizer else ()
+    gen.gpu.update({k: v for k, v in c.trainer.gpu.items() if k in layouts.RESIDENT and k not in swapped})
     gen.host.update(c.trainer.host)
+    gen.host.update({f"{k}, swapped out": v for k, v in c.trainer.gpu.items() if k in swapped})
     engine = {f"engine: {k}": v for k, v in c.engine.gpu.items()}
     gen.gpu.update(engine)
     if c.engine_awake:

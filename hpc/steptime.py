@@ -12,7 +12,8 @@ Phases (seconds per GRPO step):
   parameter offload, the host copies;
 - optimizer: AdamW on the GPU (bytes), or its state over PCIe (optimizer offload), or on the host (parameter offload);
 - sync: the weights from the trainers to the engines (NVLink, NICs or CUDA IPC on the same GPU);
-- swap: colocated only, the engine's sleep and wake between phases.
+- swap: colocated only, the engine's sleep and wake between phases, and the optimizer state's trip to the host and
+  back when the planner swaps it out for generation (`optimizer_swap_s`).
 
 Responses are counted at full length (`new_tokens`): exact for benchmarks with ignore_eos, an upper bound otherwise.
 How the phases add up depends on the layout (Prediction.total).
@@ -161,6 +162,12 @@ def sync_colocated_s(nbytes: float, card: GpuSpec, *, nodes: int) -> float:
     takes its part through CUDA IPC on its own GPU."""
     cross = nbytes * (nodes - 1) / nodes / (hw.NIC_GBPS * 1e9) if nodes > 1 else 0.0
     return cross + nbytes / (hw.nvlink_sync_gbps(card) * 1e9) + nbytes / (hw.SYNC_GBPS_IPC * 1e9)
+
+
+def optimizer_swap_s(state_gb: float, card: hw.GpuSpec) -> float:
+    """The AdamW state of one GPU to pinned host memory before generation and back before the update (every GPU of a
+    node copies at once: PCIe at hw.PCIE_EFF)."""
+    return 2 * state_gb * 1e9 / (card.pcie_gbps * 1e9 * hw.PCIE_EFF)
 
 
 def sync_one_gpu_s(nbytes: float) -> float:

@@ -142,6 +142,31 @@ def test_savings_only_where_memory_needs_them():
     assert cfg.rollout.gpu_memory_utilization == big.settings["rollout.gpu_memory_utilization"] < 0.85
 
 
+def test_optimizer_swap_only_where_the_larger_kv_cache_pays_for_it(monkeypatch):
+    """72B colocated on 32 H800: at 512 new tokens the engine fits beside the trainer's resident state (no swap); at
+    2048 its KV cache does not, and moving each GPU's 18 GB of AdamW state to the host for generation costs two PCIe
+    copies a step, less than the alternative, optimizer offload (AdamW on the host every step). The plan carries
+    the choice to the ranks (hpc.launch -> Roles)."""
+    short = plan_job(preset("h800x32"))
+    assert short.layout == "colocated" and short.time_share and not short.swap_optimizer
+    long = plan_job(preset("h800x32", "rollout.max_new_tokens=2048"))
+    assert long.layout == "colocated" and long.time_share and long.swap_optimizer
+    adam_gb = 8 * CATALOGUE["Qwen2-72B"].params / 32 / 1e9
+    card = hw.gpu("h800")
+    assert long.prediction["swap"] == pytest.approx(hw.ENGINE_WAKE_S["vllm"] + steptime.optimizer_swap_s(adam_gb, card),
+                                                    rel=0.02)
+    assert not long.settings["model.optimizer_offload"]
+    # without the swap (no host room for it), the planner falls back to optimizer offload, slower
+    import hpc.layouts
+    monkeypatch.setattr(hpc.layouts.Search, "host_ok", lambda self, est, gpus, extra=0.0: not extra)
+    kept = plan_job(preset("h800x32", "rollout.max_new_tokens=2048"))
+    assert not kept.swap_optimizer and kept.settings["model.optimizer_offload"]
+    assert kept.prediction["optimizer"] > long.prediction["optimizer"] + 3 > kept.prediction["swap"]
+    assert long.prediction["step"] < kept.prediction["step"]
+    text = format_plan(preset("h800x32", "rollout.max_new_tokens=2048"), long)
+    assert "its AdamW state swapped to the host" in text
+
+
 def test_forced_layouts_and_refusals():
     split = plan_job(preset("h800x32", "job.layout=split"))
     assert split.layout == "split" and split.tasks_per_node == 8
