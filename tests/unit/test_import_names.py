@@ -24,7 +24,7 @@ def test_from_the_repo_root_kernels_is_hugging_faces_and_transformers_imports():
     code = (
         "import importlib.util, sys\n"
         "spec = importlib.util.find_spec('kernels')\n"
-        f"assert spec is None or not (spec.origin or '').startswith({str(ROOT)!r}), spec\n"
+        f"assert spec is None or not (spec.origin or '').startswith({str(ROOT) + '/'!r}), spec\n"
         "from transformers import Qwen2Config, Qwen2ForCausalLM\n"
         "Qwen2ForCausalLM(Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1,\n"
         "                 num_attention_heads=2, num_key_value_heads=1, vocab_size=32))\n"
