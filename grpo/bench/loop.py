@@ -6,8 +6,9 @@ Writes a random checkpoint of the chosen shapes with a word-level tokenizer and 
 (grpo.bench.assets), then runs the preset through hpc.submit with TRL's baseline shapes: `--prompts` prompts x `--n`
 samples, `--prompt-len`-token prompts, `--new` new tokens forced (rollout.ignore_eos). `--eos-boost B` lets
 responses end instead: the checkpoint's EOS logit is raised by about B at every position (grpo.bench.assets), so
-lengths are geometric and capped by `--new` (B = 6.2 on the 1.5B shapes: a chance of about 1/260 per token, mean
-about 220 of 512, the spread of a real GRPO batch); generated tokens are then counted, not assumed. Everything else is the
+lengths are geometric and capped by `--new` (on an H200, B = 12 on the 1.5B shapes gave means of 226-292 of 512,
+from 1 to 512: the spread of a real GRPO batch; the rise is weaker in the GPU engine's bf16 decode than a CPU
+float32 forward suggests); generated tokens are then counted, not assumed. Everything else is the
 preset's (h100x1: trainer and native engine processes sharing one GPU, FSDP2 policy with float32 master weights,
 activation checkpointing, frozen reference, KL 0.04, the Triton kernels). Reports the median over the steps after the
 first (warm-up: CUDA graphs, Triton compiles) of the step time and its split, generated tokens/s, and each process's
