@@ -36,6 +36,7 @@ HEADROOM = 0.95  # share of a card a plan may fill (allocator fragmentation)
 BUCKET_GB = 1.0  # the sync's default bucket (rollout.sync_bucket_mb); two are in flight on each side
 # trainer components that stay on the GPU between phases (the rest are freed after every update)
 SLEEP_SLACK = 0.05  # share of the card left free beside a woken engine and the trainer's resident state
+ADAM = ("AdamW states (fp32)", "AdamW states (adapters)")  # what the optimizer swap moves to the host
 RESIDENT = ("parameters (fp32 shards)", "AdamW states (fp32)", "reference (bf16 shards)", "base weights (bf16, frozen)",
             "adapters + grads", "AdamW states (adapters)", "CUDA context")
 
@@ -251,7 +252,7 @@ class Search:
                 else steptime.sync_split_s(nbytes, self.card, crosses_nodes=self.nodes > 1))
         engines, best = self.total // tp, None
         free = self.cfg.rollout.free_cache_engine
-        adam = est.gpu.get("AdamW states (fp32)", 0.0) + est.gpu.get("AdamW states (adapters)", 0.0)
+        adam = sum(est.gpu.get(k, 0.0) for k in ADAM)
         variants = [(True, False)] if free is not True else []
         if free is not False:
             variants += [(False, False)] + ([(False, True)] if adam and self.host_ok(est, self.total, extra=adam)

@@ -195,7 +195,7 @@ def phase_estimates(c: layouts.Candidate) -> list[memory.Estimate]:
     update, gen = memory.Estimate("update"), memory.Estimate("generate")
     update.gpu.update(c.trainer.gpu)
     update.host.update(c.trainer.host)
-    swapped = ("AdamW states (fp32)", "AdamW states (adapters)") if c.swap_optimizer else ()
+    swapped = layouts.ADAM if c.swap_optimizer else ()
     gen.gpu.update({k: v for k, v in c.trainer.gpu.items() if k in layouts.RESIDENT and k not in swapped})
     gen.host.update(c.trainer.host)
     gen.host.update({f"{k}, swapped out": v for k, v in c.trainer.gpu.items() if k in swapped})

@@ -33,7 +33,7 @@ def write_random_checkpoint(folder: Path, shapes: str, *, device: torch.device, 
     """A Hugging Face folder with random bf16 weights (std 0.02, norms 1), written tensor by tensor.
 
     eos_boost > 0 makes responses end at random lengths, as real ones do (EOS is token 1 of write_word_tokenizer):
-    every token's embedding gets 1.0 in dimension 0, a direction the random layers barely touch, so after the final
+    every token's embedding gets _DIM0 in dimension 0, a direction the random layers barely touch, so after the final
     norm every position carries about the same large value there; EOS's output row gets `eos_boost` more in that
     dimension (scaled by that value), which raises EOS's logit by about `eos_boost` at every position and leaves the
     other tokens' logits shifted alike (no change to their softmax). A constant chance to stop per token: geometric

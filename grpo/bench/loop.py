@@ -50,7 +50,8 @@ def prepare(work: Path, args) -> tuple[Path, Path]:
 def run_loop(model: Path, prompts: Path, work: Path, args) -> tuple[Path, float]:
     sets = {"model.path": model, "model.arch": "", "data.task": "dataset", "data.train_path": prompts,
             "data.prompts_per_step": args.prompts, "data.max_prompt_len": args.prompt_len, "rollout.n": args.n,
-            "rollout.max_new_tokens": args.new, "rollout.ignore_eos": str(not args.eos_boost).lower(), "train.steps": args.steps,
+            "rollout.max_new_tokens": args.new, "rollout.ignore_eos": str(not args.eos_boost).lower(),
+            "train.steps": args.steps,
             "train.export_hf": "false", "job.executor": "local", "out_dir": work / "runs"}
     cmd = [sys.executable, "-m", "hpc.submit", "--preset", args.preset]
     for key, value in sets.items():

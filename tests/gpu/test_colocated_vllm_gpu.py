@@ -48,7 +48,8 @@ def test_colocated_vllm_time_shares_one_gpu(tmp_path, share):
     trainer_peak = max(r["trainer_gpu_peak_gib"] for r in rows)
     gen_used = max(r["gen_device_used_gib"] for r in rows)
     update_used = max(r["update_device_used_gib"] for r in rows)
-    summary = dict(share=plan["settings"]["rollout.gpu_memory_utilization"], card_gib=card, engine_share_gib=engine_share, trainer_peak_reserved_gib=trainer_peak,
+    summary = dict(share=plan["settings"]["rollout.gpu_memory_utilization"], card_gib=card,
+                   engine_share_gib=engine_share, trainer_peak_reserved_gib=trainer_peak,
                    gen_device_used_gib=gen_used, update_device_used_gib=update_used,
                    step_s=[r["step_s"] for r in rows], generate_s=[r["generate_s"] for r in rows],
                    update_s=[r["update_s"] for r in rows], sync_s=[r["sync_s"] for r in rows],

@@ -3,6 +3,7 @@ hpc.plan): the 70B presets' dry runs, forced and refused layouts, memory setting
 
 import pytest
 
+import hpc.layouts
 import hpc.plan
 from grpo import hardware as hw
 from grpo.config import ConfigError, apply_overrides
@@ -153,11 +154,10 @@ def test_optimizer_swap_only_where_the_larger_kv_cache_pays_for_it(monkeypatch):
     assert long.layout == "colocated" and long.time_share and long.swap_optimizer
     adam_gb = 8 * CATALOGUE["Qwen2-72B"].params / 32 / 1e9
     card = hw.gpu("h800")
-    assert long.prediction["swap"] == pytest.approx(hw.ENGINE_WAKE_S["vllm"] + steptime.optimizer_swap_s(adam_gb, card),
-                                                    rel=0.02)
+    expected = hw.ENGINE_WAKE_S["vllm"] + steptime.optimizer_swap_s(adam_gb, card)
+    assert long.prediction["swap"] == pytest.approx(expected, rel=0.02)
     assert not long.settings["model.optimizer_offload"]
     # without the swap (no host room for it), the planner falls back to optimizer offload, slower
-    import hpc.layouts
     monkeypatch.setattr(hpc.layouts.Search, "host_ok", lambda self, est, gpus, extra=0.0: not extra)
     kept = plan_job(preset("h800x32", "rollout.max_new_tokens=2048"))
     assert not kept.swap_optimizer and kept.settings["model.optimizer_offload"]
